@@ -1,0 +1,178 @@
+"""Run a LoRA/QLoRA sweep: every trial on its own GPU (or CPUs) through Ray Tune, tracked in MLflow.
+
+    python -m sweep.run search_spaces/smoke.py                       # the offline CPU demo
+    python -m sweep.run search_spaces/paper_grid.py                  # the post's four trials, GPU + Hub
+    python -m sweep.run search_spaces/paper_grid.py --dry-run        # trials and exact parameter counts
+    python -m sweep.run search_spaces/paper_grid.py --set model=random:open_llama_3b_v2 --set train_samples=500
+    python -m sweep.run SPACE --address ray://head:10001              # the same on a Ray cluster
+
+Exit codes: 0 every trial finished, 1 some trial failed (the table is still written), 2 bad input
+(nothing started, nothing earlier touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from sweep.space import SpaceError, expand, load_space, parse_sets
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__.split("\n")[0])
+    p.add_argument("space", help="search-space file (Python), e.g. search_spaces/paper_grid.py")
+    p.add_argument("--output", help="sweep directory (default: sweeps/<name>/)")
+    p.add_argument("--name", help="sweep name: MLflow experiment and default directory (default: the space's name)")
+    p.add_argument("--address", help="Ray cluster address; default starts a local Ray")
+    p.add_argument("--gpus-per-trial", type=float, default=1.0, help="GPUs per trial for CUDA spaces (default 1)")
+    p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting for every trial, e.g. --set epochs=1 (repeatable)")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="Ray dashboard bind address (default loopback: the dashboard can run arbitrary jobs)")
+    p.add_argument("--dry-run", action="store_true", help="print the trials with exact parameter counts and exit")
+    return p.parse_args(argv)
+
+
+class UsageError(Exception):
+    """Bad input found after the space validated (cluster, output directory); exit 2."""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (SpaceError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from sweep.plan import plan
+    from sweep.summary import dry_run_table
+
+    space = load_space(args.space)
+    configs = expand(space, args.space, parse_sets(args.set))
+    planned = plan(configs, args.space)
+    name = args.name or space.name
+    if args.dry_run:
+        print(f"sweep '{name}': {len(planned)} trials from {args.space}\n")
+        print(dry_run_table(planned), end="")
+        return 0
+    if args.gpus_per_trial <= 0:
+        raise UsageError(f"--gpus-per-trial must be > 0, got {args.gpus_per_trial}")
+    out = Path(args.output or Path("sweeps") / name).resolve()
+    prepare_output(out)
+
+    import ray
+
+    start_ray(args)
+    try:
+        check_resources(planned, args.gpus_per_trial)
+        return execute(args, name, out, planned)
+    finally:
+        ray.shutdown()
+
+
+def prepare_output(out: Path) -> None:
+    if (out / "tune").exists():
+        raise UsageError(f"{out} already holds a sweep; pass another --output or --name (its results are kept)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output directory {out} is not writable: {e.strerror}") from None
+
+
+def start_ray(args) -> None:
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    try:
+        if args.address:
+            ctx = ray.init(address=args.address, log_to_driver=True)
+        else:
+            ctx = ray.init(include_dashboard=True, dashboard_host=args.dashboard_host, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot connect to Ray at {args.address}: {str(e).splitlines()[0]}") from None
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        token = Path.home() / ".ray" / "auth_token"
+        auth = f"; it asks for the token in {token}" if token.exists() else ""
+        print(f"Ray dashboard: http://{url}{auth}", flush=True)
+
+
+def check_resources(planned, gpus_per_trial: float) -> None:
+    """Refuse sweeps whose trials could never be scheduled, instead of leaving them pending forever."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    max_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    max_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    for p in planned:
+        cfg = p.cfg
+        if cfg.device == "cuda" and max_gpus == 0:
+            raise UsageError(f"trial {cfg.name} needs a CUDA GPU but the Ray cluster has none; run on a GPU machine, "
+                             "pass --address of a GPU cluster, or --set device=cpu")
+        if cfg.device == "cuda" and gpus_per_trial > max_gpus:
+            raise UsageError(f"--gpus-per-trial {gpus_per_trial} exceeds the {max_gpus:g} GPUs of the largest node")
+        if cfg.cpus_per_trial > max_cpus:
+            raise UsageError(f"trial {cfg.name} needs {cfg.cpus_per_trial} CPUs; the largest node has {max_cpus:g}")
+
+
+def trial_resources(gpus_per_trial: float):
+    def resources(config: dict) -> dict:
+        t = config["trial"]
+        return {"cpu": t["cpus_per_trial"], "gpu": gpus_per_trial if t["device"] == "cuda" else 0}
+
+    return resources
+
+
+def execute(args, name: str, out: Path, planned) -> int:
+    from ray import tune
+
+    from sweep.summary import build_rows, to_markdown, write_csv
+    from sweep.tracking import MLflowTracker, tracking_uri
+    from trainers.trial import tune_trainable
+
+    first = planned[0].cfg
+    tracker = MLflowTracker(tracking_uri(args.mlflow_uri), experiment=name, parent_run_name=name, parent_params={
+        "space_file": str(args.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
+        "sets": " ".join(args.set), "output": str(out),
+    })
+    trial_name = lambda t: t.config["trial"]["name"]  # noqa: E731 - names like r8-attention-4bit
+    tuner = tune.Tuner(
+        tune.with_resources(tune_trainable, trial_resources(args.gpus_per_trial)),
+        param_space={"trial": tune.grid_search([p.cfg.to_dict() for p in planned])},
+        tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out), callbacks=[tracker], verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    grid = tuner.fit()
+
+    outcomes = {}
+    for result in grid:
+        trial = result.config["trial"]["name"]
+        ok = result.error is None and "eval_loss" in (result.metrics or {})
+        outcomes[trial] = ("TERMINATED" if ok else "ERROR", result.metrics or {})
+        if ok and result.checkpoint is not None:  # the adapter and generations, where people look for them
+            shutil.copytree(result.checkpoint.path, out / "trials" / trial, dirs_exist_ok=True)
+    rows = build_rows(planned, outcomes)
+    write_csv(rows, out / "summary.csv")
+    md = to_markdown(rows, f"Sweep {name}")
+    (out / "summary.md").write_text(md)
+    failed = any(r["status"] != "TERMINATED" for r in rows)
+    tracker.finish(out, rows, failed)
+    print("\n" + md + f"\nresults: {out}  (summary.md, summary.csv, trials/<id>/adapter)\n"
+          f"compare in MLflow: mlflow ui --backend-store-uri {tracking_uri(args.mlflow_uri)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

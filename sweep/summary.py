@@ -1,0 +1,113 @@
+"""The table that says which configuration to ship: summary.csv (machine) and summary.md (people).
+
+Quality is derived from held-out measures, not read by a human:
+  high    eval loss within 2% of the sweep's best, generations not looping (under half of their
+          token 3-grams repeated) and not very short (5 words or more on average)
+  medium  eval loss within 10% of the best, not looping, not very short
+  low     everything else that finished: a repetition loop or very short answers alone make a trial
+          low, the two failure modes the post reads generations for
+The best trial (lowest eval loss) is marked with ``*``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from sweep.plan import PlannedTrial
+
+CSV_COLUMNS = [
+    "trial_id", "r", "target_modules", "bits", "trainable_params", "total_params", "trainable_pct", "eval_loss",
+    "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
+    "peak_gpu_mem_gb", "status",
+]
+HIGH_GAP, MEDIUM_GAP, LOOP_RATE, SHORT_WORDS = 0.02, 0.10, 0.5, 5
+
+
+def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]]) -> list[dict]:
+    """One row per planned trial; ``outcomes`` maps trial name -> (status, final metrics)."""
+    rows = []
+    for p in planned:
+        status, m = outcomes.get(p.cfg.name, ("NOT_RUN", {}))
+        rows.append({
+            "trial_id": p.cfg.name,
+            "r": p.cfg.r,
+            "target_modules": " ".join(p.cfg.target_modules),
+            "targets": p.cfg.targets_label,
+            "bits": p.cfg.bits,
+            "trainable_params": m.get("trainable_params", p.trainable_params),
+            "total_params": m.get("total_params", p.total_params),
+            "trainable_pct": m.get("trainable_pct", 100.0 * p.trainable_params / p.total_params),
+            "eval_loss": m.get("eval_loss"),
+            "perplexity": m.get("perplexity"),
+            "rouge_l": m.get("rouge_l"),
+            "repeat_ngram_rate": m.get("repeat_ngram_rate"),
+            "end_marker_rate": m.get("end_marker_rate"),
+            "gen_mean_words": m.get("gen_mean_words"),
+            "train_seconds": m.get("train_seconds"),
+            "tokens_per_second": m.get("train_tokens_per_second"),
+            "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
+            "status": status,
+        })
+    _add_quality(rows)
+    return rows
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _add_quality(rows: list[dict]) -> None:
+    done = [r for r in rows if r["status"] == "TERMINATED" and _finite(r["eval_loss"])]
+    best = min((r["eval_loss"] for r in done), default=None)
+    for r in rows:
+        r["best"] = False
+        if r not in done:
+            r["quality"] = "-"
+            continue
+        gap = (r["eval_loss"] - best) / abs(best) if best else 0.0
+        degenerate = (r["repeat_ngram_rate"] or 0.0) >= LOOP_RATE or (r["gen_mean_words"] or 0.0) < SHORT_WORDS
+        r["quality"] = "low" if degenerate else "high" if gap <= HIGH_GAP else "medium" if gap <= MEDIUM_GAP else "low"
+        r["best"] = r["eval_loss"] == best
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if _finite(x) else "-"
+
+
+def to_markdown(rows: list[dict], title: str) -> str:
+    head = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "perplexity",
+            "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB", "status"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
+            f"{r['targets']} ({', '.join(r['target_modules'].split())})"
+        cells = [
+            r["trial_id"] + (" *" if r["best"] else ""), str(r["r"]), targets, str(r["bits"]), r["quality"],
+            f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
+            _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"), _fmt(r["repeat_ngram_rate"], ".2f"),
+            _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"), _fmt(r["tokens_per_second"], ",.0f"),
+            _fmt(r["peak_gpu_mem_gb"], ".2f"), r["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`*` best eval loss. quality: high = eval loss within 2% of the best; medium = within 10%; "
+              "low = the rest, or generations that loop (>= 50% repeated token 3-grams) or are very short (< 5 words)."]
+    return "\n".join(lines) + "\n"
+
+
+def dry_run_table(planned: list[PlannedTrial]) -> str:
+    head = ["trial", "r", "targets", "modules", "bits", "trainable params", "total params", "trainable %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in planned:
+        c = p.cfg
+        lines.append(f"| {c.name} | {c.r} | {c.targets_label} | {', '.join(c.target_modules)} | {c.bits} | "
+                     f"{p.trainable_params:,} | {p.total_params:,} | {100 * p.trainable_params / p.total_params:.4f} |")
+    return "\n".join(lines) + "\n"

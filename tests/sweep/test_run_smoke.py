@@ -1,0 +1,111 @@
+"""The smoke sweep through the real CLI: Ray Tune, bitsandbytes 4/8-bit on CPU, MLflow, the table."""
+
+import csv
+import json
+import math
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from sweep.summary import CSV_COLUMNS
+from tests.conftest import REPO, run_cli
+
+# Exact LoRA sizes on tiny-llama (hidden 64, intermediate 128, vocab 1,024, 2 layers):
+#   attention r=8:  2 layers x (q, v) x 8 x (64 + 64)                                  = 4,096
+#   all_linear r=8: 2 x [4 x 8 x 128 + 2 x 8 x (64 + 128) + 8 x (128 + 64)] + 8 x (64 + 1024) = 26,112
+EXPECTED = {
+    "r8-attention-4bit": (8, 4, 4096, "q_proj v_proj"),
+    "r16-attention-4bit": (16, 4, 8192, "q_proj v_proj"),
+    "r8-all_linear-4bit": (8, 4, 26112, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
+    "r8-all_linear-8bit": (8, 8, 26112, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, model_cache):
+    work = tmp_path_factory.mktemp("smoke")
+    start = time.monotonic()
+    proc = run_cli(REPO / "search_spaces" / "smoke.py", "--mlflow-uri", f"sqlite:///{work}/mlflow.db", cwd=work)
+    seconds = time.monotonic() - start
+    print(f"smoke sweep wall time: {seconds:.1f}s")
+    return {"proc": proc, "dir": work / "sweeps" / "smoke", "uri": f"sqlite:///{work}/mlflow.db", "seconds": seconds}
+
+
+def test_exit_code_and_printed_table(sweep):
+    proc = sweep["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "# Sweep smoke" in proc.stdout
+    assert "Ray dashboard: http://127.0.0.1:" in proc.stdout
+    assert sweep["seconds"] < 300
+
+
+def test_summary_csv_has_four_finished_rows_with_exact_counts(sweep):
+    with open(sweep["dir"] / "summary.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = {r["trial_id"]: r for r in reader}
+    assert set(rows) == set(EXPECTED)
+    for name, (r, bits, trainable, modules) in EXPECTED.items():
+        row = rows[name]
+        assert row["status"] == "TERMINATED"
+        assert (int(row["r"]), int(row["bits"]), int(row["trainable_params"])) == (r, bits, trainable)
+        assert row["target_modules"] == modules
+        assert math.isfinite(float(row["eval_loss"])) and float(row["eval_loss"]) > 0
+        assert float(row["perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"])), rel=1e-6)
+        assert float(row["peak_gpu_mem_gb"]) == 0.0
+    md = (sweep["dir"] / "summary.md").read_text()
+    assert sum(line.startswith("| r") for line in md.splitlines()) == 4  # one row per trial
+    assert "params updated (M)" in md
+
+
+def test_bitsandbytes_layers_and_loss_goes_down(sweep):
+    for name, (_, bits, _, _) in EXPECTED.items():
+        m = json.loads((sweep["dir"] / "trials" / name / "metrics.json").read_text())
+        # tiny-llama has 2 layers x 7 projections; lm_head stays unquantized, as transformers does by default
+        assert (m["bnb_layer_type"], m["bnb_layers"]) == ({4: "Linear4bit", 8: "Linear8bitLt"}[bits], 14)
+        assert m["train_loss_last"] < m["train_loss_first"] - 0.05, name
+        assert m["train_steps"] == 72  # 288 examples / batch 8 x 2 epochs
+
+
+def test_every_lora_factor_trained_including_lm_head(sweep):
+    for name in EXPECTED:
+        weights = load_file(sweep["dir"] / "trials" / name / "adapter" / "adapter_model.safetensors")
+        b = {k: v for k, v in weights.items() if "lora_B" in k}
+        assert b, name
+        # PEFT initialises every lora_B to zero: a non-zero B is a trained adapter
+        assert all(v.abs().sum() > 0 for v in b.values()), name
+        assert not any("base_layer" in k for k in weights), "adapter must not carry frozen base weights"
+        if "all_linear" in name:
+            assert weights["base_model.model.lm_head.lora_B.weight"].abs().sum() > 0
+
+
+def test_mlflow_one_parent_four_children(sweep):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sweep["uri"])
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.csv"}
+    assert {c.info.run_name for c in children} == set(EXPECTED)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        p = child.data.params
+        r, bits, trainable, modules = EXPECTED[child.info.run_name]
+        assert (p["r"], p["bits"], p["target_modules"]) == (str(r), str(bits), modules.replace(" ", ","))
+        assert (p["lora_alpha"], p["lora_dropout"], p["epochs"], p["batch_size"]) == ("8", "0.05", "2", "8")
+        assert (p["max_seq_length"], p["train_samples"], p["seed"]) == ("256", "320", "42")
+        assert p["model"] == "random:tiny-llama" and p["dataset"] == "bundled:products-400"
+        assert p["learning_rate"] == "0.003"
+        assert child.data.metrics["trainable_params"] == trainable
+        assert math.isfinite(child.data.metrics["eval_loss"])
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert len(history) == 19 and history[0].step == 1 and history[-1].step == 72
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"adapter", "generations.md", "generations.json"} <= artifacts

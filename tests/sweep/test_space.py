@@ -1,0 +1,134 @@
+"""Search-space files: every shipped one validates; bad ones fail with file, trial and field."""
+
+import pytest
+
+from sweep.plan import plan
+from sweep.run import main
+from sweep.space import SpaceError, Trial, expand, grid, load_space, parse_sets
+from tests.conftest import REPO, run_cli, write_space
+
+SHIPPED = sorted((REPO / "search_spaces").glob("*.py"))
+
+
+def test_shipped_spaces_exist():
+    assert {p.name for p in SHIPPED} >= {"paper_grid.py", "smoke.py"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_space_loads_and_validates(path):
+    space = load_space(path)
+    planned = plan(expand(space, path), path)
+    assert len(planned) == len(space.trials) >= 1
+    assert all(p.trainable_params > 0 and p.cfg.target_modules for p in planned)
+
+
+def test_paper_grid_is_the_posts_four_trials():
+    cfgs = expand(load_space(REPO / "search_spaces" / "paper_grid.py"), "paper_grid.py")
+    assert [(c.r, c.targets, c.bits) for c in cfgs] == [
+        (8, "attention", 4), (16, "attention", 4), (8, "all_linear", 4), (8, "all_linear", 8)]
+    c = cfgs[0]
+    assert (c.model, c.dataset) == ("openlm-research/open_llama_3b_v2", "xiyuez/red-dot-design-award-product-description")
+    assert (c.lora_alpha, c.lora_dropout, c.epochs, c.max_seq_length, c.train_samples, c.seed) == (8, 0.05, 3, 256, 5000, 42)
+
+
+def test_grid_is_the_full_cross_product_in_order():
+    trials = grid(r=[4, 8], targets=["attention", "all_linear"], bits=[4, 8, 16], learning_rate=1e-3)
+    assert len(trials) == 12
+    assert [(t.r, t.targets, t.bits) for t in trials[:4]] == [
+        (4, "attention", 4), (4, "attention", 8), (4, "attention", 16), (4, "all_linear", 4)]
+    assert all(t.overrides == {"learning_rate": 1e-3} for t in trials)
+
+
+def test_fixed_values_and_per_trial_overrides(tmp_path):
+    path = write_space(tmp_path / "s.py", settings="epochs=2, lora_alpha=16",
+                       trials='Trial(r=8, targets="attention", bits=4), Trial(r=4, targets=["q_proj"], bits=16, epochs=1)')
+    a, b = expand(load_space(path), path)
+    assert (a.epochs, a.lora_alpha, b.epochs, b.lora_alpha, b.targets) == (2, 16, 1, 16, ("q_proj",))
+    assert (a.name, b.name) == ("r8-attention-4bit", "r4-custom-16bit")
+
+
+@pytest.mark.parametrize("trial, field, says", [
+    ('Trial(r=0, targets="attention", bits=4)', "r", "positive integer"),
+    ('Trial(r=2.5, targets="attention", bits=4)', "r", "positive integer"),
+    ('Trial(r=8, targets="attention", bits=5)', "bits", "one of 4, 8, 16"),
+    ('Trial(r=8, targets="mlp_only", bits=4)', "targets", "preset"),
+    ('Trial(r=8, targets="attention", bits=4, lora_dropout=1.5)', "lora_dropout", "[0, 1)"),
+])
+def test_bad_values_name_file_trial_and_field(tmp_path, trial, field, says):
+    path = write_space(tmp_path / "bad.py", trials=f'Trial(r=8, targets="attention", bits=4), {trial}')
+    with pytest.raises(SpaceError) as e:
+        expand(load_space(path), path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "trial 1 (" in msg and f"field '{field}'" in msg and says in msg
+    assert "\n" not in msg
+
+
+def test_unknown_field_names_file_line_and_field(tmp_path):
+    path = write_space(tmp_path / "bad.py", trials='Trial(r=8, targets="attention", bits=4, rank=3)')
+    with pytest.raises(SpaceError, match=r"bad\.py:6: Trial\(\.\.\.\) at this line: unknown field 'rank'"):
+        load_space(path)
+
+
+def test_module_name_matching_no_layer(tmp_path):
+    path = write_space(tmp_path / "bad.py", trials='Trial(r=8, targets=["q_proj", "wqkv"], bits=4)')
+    with pytest.raises(SpaceError, match=r"trial 0 \(r8-custom-4bit\): field 'targets': module 'wqkv' matches no"):
+        plan(expand(load_space(path), path), path)
+
+
+def test_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "syntax.py"
+    bad.write_text("from sweep import Space\nspace = Space(\n")
+    with pytest.raises(SpaceError, match=r"syntax\.py:2: syntax error"):
+        load_space(bad)
+    with pytest.raises(SpaceError, match="space file not found"):
+        load_space(tmp_path / "nope.py")
+
+
+def test_set_overrides_are_typed():
+    assert parse_sets(["epochs=1", "learning_rate=1e-3", "model=random:x", "gradient_checkpointing=true",
+                       "targets=q_proj,v_proj"]) == {
+        "epochs": 1.0, "learning_rate": 1e-3, "model": "random:x", "gradient_checkpointing": True,
+        "targets": ("q_proj", "v_proj")}
+    with pytest.raises(SpaceError, match="--set foo: unknown key"):
+        parse_sets(["foo=1"])
+    with pytest.raises(SpaceError, match="--set batch_size=big: expected int"):
+        parse_sets(["batch_size=big"])
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    path = write_space(tmp_path / "bad.py", trials='Trial(r=0, targets="attention", bits=4)')
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "field 'r'" in err and str(path) in err
+    assert main([str(path), "--set", "nope=1"]) == 2
+
+
+def test_cpu_space_that_needs_gpu_is_refused_not_left_pending(tmp_path):
+    """A CUDA space on a cluster without GPUs exits 2 with the reason (the real CLI, real Ray)."""
+    path = write_space(tmp_path / "gpu.py")
+    proc = run_cli(path, "--set", "device=cuda", "--output", tmp_path / "out", "--mlflow-uri",
+                   f"sqlite:///{tmp_path}/m.db", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs a CUDA GPU but the Ray cluster has none" in proc.stderr
+    assert not (tmp_path / "out" / "tune").exists()
+
+
+def test_existing_sweep_directory_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    (out / "tune").mkdir(parents=True)
+    (out / "summary.csv").write_text("keep me")
+    path = write_space(tmp_path / "s.py")
+    assert main([str(path), "--output", str(out)]) == 2
+    assert (out / "summary.csv").read_text() == "keep me"
+
+
+def test_dry_run_of_paper_grid_prints_the_posts_exact_counts():
+    proc = run_cli(REPO / "search_spaces" / "paper_grid.py", "--dry-run", cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = [line.split("|")[6].strip() for line in proc.stdout.splitlines() if line.startswith("| r")]
+    assert counts == ["2,662,400", "5,324,800", "12,994,560", "12,994,560"]
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head" in proc.stdout
+
+
+def test_trial_repr():
+    assert repr(Trial(r=8, targets=["q_proj"], bits=4)) == "Trial(r=8, targets=('q_proj',), bits=4)"

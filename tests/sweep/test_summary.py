@@ -1,0 +1,44 @@
+"""The summary table: quality rule, best marker, csv columns."""
+
+import csv
+
+from sweep.plan import PlannedTrial
+from sweep.space import TrialConfig
+from sweep.summary import CSV_COLUMNS, build_rows, to_markdown, write_csv
+
+
+def planned(name, r=8):
+    cfg = TrialConfig(name=name, index=0, model="m", dataset="d", r=r, targets="attention", bits=4,
+                      target_modules=("q_proj", "v_proj"))
+    return PlannedTrial(cfg, 100, 1000)
+
+
+def metrics(loss, repeat=0.1, words=40.0):
+    return {"eval_loss": loss, "perplexity": 2.0, "repeat_ngram_rate": repeat, "gen_mean_words": words}
+
+
+def test_quality_rule_and_best_marker(tmp_path):
+    ps = [planned(n) for n in ("best", "close", "mid", "far", "loop", "short", "dead")]
+    rows = build_rows(ps, {
+        "best": ("TERMINATED", metrics(2.00)),
+        "close": ("TERMINATED", metrics(2.03)),   # +1.5%: high
+        "mid": ("TERMINATED", metrics(2.10)),     # +5%: medium
+        "far": ("TERMINATED", metrics(2.50)),     # +25%: low
+        "loop": ("TERMINATED", metrics(2.01, repeat=0.8)),
+        "short": ("TERMINATED", metrics(2.01, words=2.0)),
+        "dead": ("ERROR", {}),
+    })
+    assert [r["quality"] for r in rows] == ["high", "high", "medium", "low", "low", "low", "-"]
+    assert [r["best"] for r in rows] == [True] + [False] * 6
+    md = to_markdown(rows, "t")
+    assert "| best * |" in md and "| dead |" in md and "ERROR" in md
+    write_csv(rows, tmp_path / "s.csv")
+    with open(tmp_path / "s.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        assert [r["status"] for r in reader] == ["TERMINATED"] * 6 + ["ERROR"]
+
+
+def test_trials_that_never_ran_keep_their_planned_counts():
+    (row,) = build_rows([planned("x")], {})
+    assert (row["status"], row["trainable_params"], row["quality"]) == ("NOT_RUN", 100, "-")

@@ -1,0 +1,83 @@
+"""Data: Red Dot-shaped rows -> the post's instruction in the Alpaca template -> seeded sample -> train/test.
+
+Sources: a Hub dataset id (``datasets.load_dataset``), a local .jsonl/.json/.csv/.parquet file, or
+``bundled:products-400`` (400 rows of real product descriptions shipped for the offline demo).
+Only ``product``, ``category`` and ``description`` are read; other columns (the Hub set's ``text``)
+are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+COLUMNS = ("product", "category", "description")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+INSTRUCTION = "Create a detailed description for the following product: {product}, belonging to category: {category}"
+TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n\n{instruction}\n\n### Response:\n{response}"
+)
+END_MARKER = "### End"
+# The two prompts the post judged every configuration by.
+POST_PROMPTS = (("Corelogic Smooth Mouse", "Optical Mouse"), ("Hoover Lightspeed", "Cordless Vacuum Cleaner"))
+
+
+class DataError(Exception):
+    """A dataset that cannot be used; the message is one line for the user."""
+
+
+def prompt(product: str, category: str) -> str:
+    """Everything up to where the model should start writing the description."""
+    return TEMPLATE.format(instruction=INSTRUCTION.format(product=product, category=category), response="")
+
+
+def format_row(product: str, category: str, description: str) -> str:
+    """One training text: the post's template with the description and its end marker as the response."""
+    return prompt(product, category) + f"{description}\n{END_MARKER}"
+
+
+def local_path(source: str) -> Path | None:
+    if source.startswith("bundled:"):
+        return ASSETS / f"{source.removeprefix('bundled:')}.jsonl"
+    if Path(source).suffix.lower() in LOCAL_FORMATS:
+        return Path(source)
+    return None
+
+
+def load_rows(source: str):
+    """The raw dataset (a ``datasets.Dataset``) with the three needed columns checked."""
+    import datasets
+
+    path = local_path(source)
+    try:
+        if path is not None:
+            if not path.is_file():
+                raise DataError(f"dataset file not found: {source}")
+            ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split="train")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the first line
+        raise DataError(f"cannot load dataset '{source}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"dataset '{source}' lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DataError(f"dataset '{source}' is empty")
+    return ds.select_columns(list(COLUMNS))
+
+
+def build_splits(source: str, train_samples: int, test_fraction: float, seed: int):
+    """Sample ``train_samples`` rows with ``seed``, add the ``text`` column, split into train/test.
+
+    Returns a ``datasets.DatasetDict`` with ``train`` and ``test``; both keep the raw columns so
+    evaluation can prompt with product/category and score against the description.
+    """
+    ds = load_rows(source)
+    n = min(train_samples, len(ds))
+    ds = ds.shuffle(seed=seed).select(range(n))
+    ds = ds.map(lambda r: {"text": format_row(r["product"], r["category"], r["description"])})
+    return ds.train_test_split(test_size=test_fraction, seed=seed)

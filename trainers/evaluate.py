@@ -1,0 +1,91 @@
+"""Evaluation beyond eval loss: generate for the post's prompts and held-out rows, and measure the
+failure modes the post names (repetition loops, very short answers, no proper ending)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.data import END_MARKER, POST_PROMPTS, prompt
+
+
+def repeated_ngram_rate(seq, n: int = 3) -> float:
+    """Share of n-grams of ``seq`` (token ids, or words) that repeat an earlier one: 0 for fresh text,
+    near 1 for a loop. Generations are scored on token ids, so a loop of newlines counts too."""
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased words (longest common subsequence). Written here rather than
+    pulling in rouge-score and its nltk dependency for twenty lines."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def quality_prompts(test_split, heldout: int) -> list[dict]:
+    """The post's two prompts (no reference) and the first ``heldout`` test rows (with reference)."""
+    items = [{"product": p, "category": c, "reference": None, "source": "post"} for p, c in POST_PROMPTS]
+    for row in test_split.select(range(min(heldout, len(test_split)))):
+        items.append({"product": row["product"], "category": row["category"],
+                      "reference": row["description"], "source": "test"})
+    return items
+
+
+@torch.no_grad()
+def generate(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[dict]:
+    """Greedy generation (as the post read its outputs), batched with left padding, stopping at the end marker."""
+    texts = [prompt(it["product"], it["category"]) for it in items]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=[END_MARKER],
+                         tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    results = []
+    for it, row in zip(items, out[:, enc["input_ids"].shape[1]:]):
+        ids = [t for t in row.tolist() if t not in tokenizer.all_special_ids]
+        raw = tokenizer.decode(ids)
+        ended = END_MARKER in raw
+        text = raw.split(END_MARKER)[0]
+        body = tokenizer(text, add_special_tokens=False)["input_ids"] if ended else ids
+        results.append({**it, "generation": text.strip(), "ended": ended,
+                        "repeat_rate": repeated_ngram_rate(body)})
+    return results
+
+
+def generation_metrics(results: list[dict]) -> dict:
+    scored = [r for r in results if r["reference"]]
+    n = max(len(results), 1)
+    return {
+        "repeat_ngram_rate": sum(r["repeat_rate"] for r in results) / n,
+        "gen_mean_words": sum(len(r["generation"].split()) for r in results) / n,
+        "end_marker_rate": sum(r["ended"] for r in results) / n,
+        "rouge_l": sum(rouge_l(r["generation"], r["reference"]) for r in scored) / len(scored) if scored else 0.0,
+    }
+
+
+def format_generations(results: list[dict]) -> str:
+    """Plain text for people (and the MLflow artifact)."""
+    blocks = []
+    for r in results:
+        head = f"## {r['product']} ({r['category']}) [{r['source']}]"
+        body = r["generation"] + ("\n### End" if r["ended"] else "\n[no end marker]")
+        ref = f"\n--- reference ---\n{r['reference']}" if r["reference"] else ""
+        blocks.append(f"{head}\n{body}{ref}\n")
+    return "\n".join(blocks)

@@ -1,0 +1,234 @@
+"""Base models: where a model id points, which layers a target preset means, and loading in 4/8/16 bits.
+
+Model ids:
+  ``org/name``         a Hugging Face Hub checkpoint (needs the Hub or a warm HF cache)
+  ``/path/to/dir``     a local checkpoint directory (config.json + weights + tokenizer)
+  ``random:<name>``    a bundled architecture config (``trainers/assets/models/<name>``) with seeded
+                       random weights, written once as a real checkpoint so 4/8-bit quantization
+                       follows exactly the path a downloaded checkpoint takes
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+ASSETS = Path(__file__).parent / "assets" / "models"
+# Hub ids whose config we bundle, so --dry-run and validation work with no network.
+BUNDLED_HUB_CONFIGS = {"openlm-research/open_llama_3b_v2": "open_llama_3b_v2"}
+# Architectures without a tokenizer of their own borrow this one (token ids fit any vocab >= 1024).
+FALLBACK_TOKENIZER = "tiny-llama"
+ATTENTION_PAIRS = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"), ("q_lin", "v_lin"))
+FUSED_QKV = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "qkv", "W_pack")
+
+
+class ModelError(Exception):
+    """A model that cannot be resolved or loaded; the message is one line for the user."""
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe instead of the Hub client's ~25 s of retries when there is no network."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _bundled_dir(name: str) -> Path:
+    path = ASSETS / name
+    if not (path / "config.json").is_file():
+        raise ModelError(f"unknown bundled model 'random:{name}' (bundled: {', '.join(bundled_names())})")
+    return path
+
+
+def load_config(model_id: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config without its weights: local, HF cache, Hub, or bundled copy, in that order."""
+    if model_id.startswith("random:"):
+        return AutoConfig.from_pretrained(_bundled_dir(model_id.removeprefix("random:")))
+    if Path(model_id).is_dir():
+        try:
+            return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot read model config in {model_id}: {str(e).splitlines()[0]}") from None
+    try:
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if hub_reachable():
+        try:
+            return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model '{model_id}' not found on the Hub: {str(e).splitlines()[0]}") from None
+    if model_id in BUNDLED_HUB_CONFIGS:
+        return AutoConfig.from_pretrained(ASSETS / BUNDLED_HUB_CONFIGS[model_id])
+    raise ModelError(
+        f"model '{model_id}': the Hugging Face Hub is unreachable and no copy is cached; point the model at "
+        f"a local checkpoint directory (--set model=/path/to/model) or use random:<name> "
+        f"(bundled: {', '.join(bundled_names())})"
+    )
+
+
+def meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """The architecture with no storage (seconds even for billions of parameters)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_names(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(qualified name, leaf name) of every layer LoRA can adapt: nn.Linear (incl. bitsandbytes) and GPT-2's Conv1D."""
+    return [(q, q.rsplit(".", 1)[-1]) for q, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def resolve_targets(model: torch.nn.Module, targets) -> tuple[str, ...]:
+    """Preset or explicit names -> the leaf module names PEFT will match, by inspecting the model.
+
+    ``all_linear`` is every Linear leaf name including the output head (as the post's regex over
+    ``model.modules`` found; PEFT's own "all-linear" leaves the head out). ``attention`` is the query
+    and value projections (the post's q_proj, v_proj), or a fused qkv projection where the
+    architecture has one (GPT-NeoX ``query_key_value``, GPT-2 ``c_attn``).
+    """
+    layers = linear_names(model)
+    leaves = list(dict.fromkeys(leaf for _, leaf in layers))
+    if targets == "all_linear":
+        return tuple(leaves)
+    if targets == "attention":
+        attn = list(dict.fromkeys(
+            leaf for q, leaf in layers if any(p in ("attn", "attention", "self_attn", "self_attention")
+                                              or "attn" in p for p in q.split(".")[:-1])
+        ))
+        for pair in ATTENTION_PAIRS:
+            if all(p in attn for p in pair):
+                return pair
+        fused = [leaf for leaf in attn if leaf in FUSED_QKV]
+        if fused:
+            return (fused[0],)
+        raise ModelError(
+            f"preset 'attention' found no query/value projection in {type(model).__name__} "
+            f"(attention layers: {', '.join(attn) or 'none'}); list the module names instead"
+        )
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        raise ModelError(
+            f"module '{missing[0]}' matches no Linear layer of {type(model).__name__} (its layers: {', '.join(leaves)})"
+        )
+    return tuple(targets)
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_lora_params(config: PretrainedConfig, cfg) -> tuple[int, int]:
+    """(trainable, total) parameters of ``cfg``'s adapter on a meta-device copy of the model."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(meta_model(config), lora_config(cfg))
+    return peft_model.get_nb_trainable_parameters()
+
+
+# ---- loading for a trial (needs weights) ---------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_SWEEP_CACHE", Path.home() / ".cache" / "lora-sweep"))
+
+
+def materialize_random(name: str, seed: int) -> Path:
+    """Write ``random:<name>`` with seed ``seed`` as a checkpoint once; reuse it afterwards.
+
+    Concurrent trials may race to build it: each writes a private temp dir and renames it into
+    place; the loser discards its copy.
+    """
+    src = _bundled_dir(name)
+    final = cache_root() / "random" / f"{name}-seed{seed}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        torch.manual_seed(seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # init of billions of params is 10x faster on GPU
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+        del model
+        tok_src = src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER
+        for f in tok_src.glob("tokenizer*"):
+            shutil.copy(f, tmp / f.name)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another trial finished first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def checkpoint_path(cfg) -> str:
+    """Where from_pretrained reads weights: the Hub id, the local directory or the materialized random model."""
+    if cfg.model.startswith("random:"):
+        return str(materialize_random(cfg.model.removeprefix("random:"), cfg.seed))
+    if not Path(cfg.model).is_dir() and not hub_reachable():
+        try:  # a warm HF cache works offline
+            AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+        except (OSError, ValueError):
+            raise ModelError(
+                f"model '{cfg.model}': the Hugging Face Hub is unreachable and the weights are not cached; "
+                "point the model at a local copy (--set model=/path/to/model)"
+            ) from None
+    return cfg.model
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if bits == 4:  # QLoRA: NF4 with double quantization, as in the post and the QLoRA paper
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:  # LLM.int8 base
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(cfg, path: str) -> torch.nn.Module:
+    """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES)."""
+    cuda = cfg.device == "cuda"
+    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(cfg.bits, compute_dtype),
+        dtype=compute_dtype,
+        device_map={"": 0} if cuda else {"": "cpu"},
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # LLaMA tokenizers ship without one; the post pads with EOS
+        tok.pad_token = tok.eos_token
+    return tok
