@@ -13,12 +13,13 @@ Exit codes: 0 every trial finished, 1 some trial failed (the table is still writ
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from sweep.space import SpaceError, expand, load_space, parse_sets
+from sweep.space import SpaceError, baseline_of, expand, load_space, parse_sets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a setting for every trial, e.g. --set epochs=1 (repeatable)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="Ray dashboard bind address (default loopback: the dashboard can run arbitrary jobs)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the 'base' row (the model before fine-tuning, evaluated like a trial)")
+    p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "perplexity", "rouge_l",
+                                                             "repeat_ngram_rate", "end_marker_rate"],
+                   help="measure that picks the best trial (default eval_loss)")
     p.add_argument("--dry-run", action="store_true", help="print the trials with exact parameter counts and exit")
     return p.parse_args(argv)
 
@@ -51,12 +57,15 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sweep.plan import plan
+    from sweep.plan import PlannedTrial, plan
     from sweep.summary import dry_run_table
 
     space = load_space(args.space)
     configs = expand(space, args.space, parse_sets(args.set))
     planned = plan(configs, args.space)
+    if not args.no_baseline:
+        first = planned[0]
+        planned.insert(0, PlannedTrial(baseline_of(first.cfg), 0, first.total_params - first.trainable_params))
     name = args.name or space.name
     if args.dry_run:
         print(f"sweep '{name}': {len(planned)} trials from {args.space}\n")
@@ -98,7 +107,8 @@ def start_ray(args) -> None:
         if args.address:
             ctx = ray.init(address=args.address, log_to_driver=True)
         else:
-            ctx = ray.init(include_dashboard=True, dashboard_host=args.dashboard_host, log_to_driver=True)
+            ctx = ray.init(include_dashboard=dashboard_available(), dashboard_host=args.dashboard_host,
+                           log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot connect to Ray at {args.address}: {str(e).splitlines()[0]}") from None
     url = getattr(ctx, "dashboard_url", None)
@@ -106,6 +116,16 @@ def start_ray(args) -> None:
         token = Path.home() / ".ray" / "auth_token"
         auth = f"; it asks for the token in {token}" if token.exists() else ""
         print(f"Ray dashboard: http://{url}{auth}", flush=True)
+
+
+def dashboard_available() -> bool:
+    """ray[tune] alone has no dashboard (ray[default] brings it); run the sweep anyway and say so."""
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") and importlib.util.find_spec("opencensus"):
+        return True
+    print("Ray dashboard unavailable: install ray[default] for it", flush=True)
+    return False
 
 
 def check_resources(planned, gpus_per_trial: float) -> None:
@@ -137,14 +157,15 @@ def trial_resources(gpus_per_trial: float):
 def execute(args, name: str, out: Path, planned) -> int:
     from ray import tune
 
-    from sweep.summary import build_rows, to_markdown, write_csv
+    from sweep.summary import build_rows, samples_markdown, to_markdown, write_csv
     from sweep.tracking import MLflowTracker, tracking_uri
     from trainers.trial import tune_trainable
 
     first = planned[0].cfg
     tracker = MLflowTracker(tracking_uri(args.mlflow_uri), experiment=name, parent_run_name=name, parent_params={
         "space_file": str(args.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
-        "sets": " ".join(args.set), "output": str(out),
+        "sets": " ".join(args.set), "output": str(out), "metric": args.metric,
+        "generation": f"greedy, max_new_tokens={first.max_new_tokens}",
     })
     trial_name = lambda t: t.config["trial"]["name"]  # noqa: E731 - names like r8-attention-4bit
     tuner = tune.Tuner(
@@ -156,20 +177,22 @@ def execute(args, name: str, out: Path, planned) -> int:
     )
     grid = tuner.fit()
 
-    outcomes = {}
+    outcomes, generations = {}, {}
     for result in grid:
         trial = result.config["trial"]["name"]
         ok = result.error is None and "eval_loss" in (result.metrics or {})
         outcomes[trial] = ("TERMINATED" if ok else "ERROR", result.metrics or {})
         if ok and result.checkpoint is not None:  # the adapter and generations, where people look for them
             shutil.copytree(result.checkpoint.path, out / "trials" / trial, dirs_exist_ok=True)
-    rows = build_rows(planned, outcomes)
+            generations[trial] = json.loads((out / "trials" / trial / "generations.json").read_text())
+    rows = build_rows(planned, outcomes, args.metric)
     write_csv(rows, out / "summary.csv")
-    md = to_markdown(rows, f"Sweep {name}")
+    md = to_markdown(rows, f"Sweep {name}", args.metric)
     (out / "summary.md").write_text(md)
+    (out / "samples.md").write_text(samples_markdown(rows, generations, first.max_new_tokens))
     failed = any(r["status"] != "TERMINATED" for r in rows)
     tracker.finish(out, rows, failed)
-    print("\n" + md + f"\nresults: {out}  (summary.md, summary.csv, trials/<id>/adapter)\n"
+    print("\n" + md + f"\nresults: {out}  (summary.md, samples.md, summary.csv, trials/<id>/adapter)\n"
           f"compare in MLflow: mlflow ui --backend-store-uri {tracking_uri(args.mlflow_uri)}", flush=True)
     return 1 if failed else 0
 

@@ -108,6 +108,8 @@ class TrialConfig(Settings):
     bits: int
     target_modules: tuple[str, ...] = ()
     """Module names the preset resolved to on this model; filled in by the driver's plan step."""
+    baseline: bool = False
+    """The base model before fine-tuning: evaluated and generated for exactly like a trial, never trained."""
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every invalid value; empty when the config is valid."""
@@ -166,7 +168,7 @@ class TrialConfig(Settings):
 
 
 TRIAL_FIELDS = {f.name: f for f in fields(TrialConfig)}
-SETTABLE = sorted(set(TRIAL_FIELDS) - {"name", "index", "target_modules"})
+SETTABLE = sorted(set(TRIAL_FIELDS) - {"name", "index", "target_modules", "baseline"})
 
 
 def load_space(path: str | Path) -> Space:
@@ -243,7 +245,8 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
     return configs
 
 
-def with_modules(cfg: TrialConfig, modules: Sequence[str]) -> TrialConfig:
-    return replace(cfg, target_modules=tuple(modules))
+def baseline_of(cfg: TrialConfig) -> TrialConfig:
+    """The ``base`` row: the first trial's model, data and bits, no training."""
+    return replace(cfg, name="base", index=-1, baseline=True)
 
 

@@ -1,12 +1,15 @@
 """The table that says which configuration to ship: summary.csv (machine) and summary.md (people).
 
-Quality is derived from held-out measures, not read by a human:
+The first row, ``base``, is the model before fine-tuning (same bits as the first trial), so the
+table shows what each configuration bought. Quality is derived from held-out measures, not read by
+a human:
   high    eval loss within 2% of the sweep's best, generations not looping (under half of their
           token 3-grams repeated) and not very short (5 words or more on average)
   medium  eval loss within 10% of the best, not looping, not very short
   low     everything else that finished: a repetition loop or very short answers alone make a trial
-          low, the two failure modes the post reads generations for
-The best trial (lowest eval loss) is marked with ``*``.
+          low, the two failure modes the post reads generations for; so does an eval loss no better
+          than the base model's
+The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from sweep.plan import PlannedTrial
 CSV_COLUMNS = [
     "trial_id", "r", "target_modules", "bits", "trainable_params", "total_params", "trainable_pct", "eval_loss",
     "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
-    "peak_gpu_mem_gb", "status",
+    "peak_gpu_mem_gb", "status", "device", "gpu_uuid",
 ]
+# --metric choices: which way is better for each
+METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
 HIGH_GAP, MEDIUM_GAP, LOOP_RATE, SHORT_WORDS = 0.02, 0.10, 0.5, 5
 
 
-def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]]) -> list[dict]:
+def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]],
+               metric: str = "eval_loss") -> list[dict]:
     """One row per planned trial; ``outcomes`` maps trial name -> (status, final metrics)."""
     rows = []
     for p in planned:
@@ -49,8 +55,11 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]
             "tokens_per_second": m.get("train_tokens_per_second"),
             "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
             "status": status,
+            "device": m.get("device_name", ""),
+            "gpu_uuid": m.get("gpu_uuid", ""),
+            "baseline": p.cfg.baseline,
         })
-    _add_quality(rows)
+    _add_quality(rows, metric)
     return rows
 
 
@@ -58,18 +67,26 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _add_quality(rows: list[dict]) -> None:
-    done = [r for r in rows if r["status"] == "TERMINATED" and _finite(r["eval_loss"])]
-    best = min((r["eval_loss"] for r in done), default=None)
+def _add_quality(rows: list[dict], metric: str) -> None:
+    base = next((r for r in rows if r["baseline"] and r["status"] == "TERMINATED"), None)
+    done = [r for r in rows if not r["baseline"] and r["status"] == "TERMINATED" and _finite(r["eval_loss"])]
+    best_loss = min((r["eval_loss"] for r in done), default=None)
+    ranked = [r for r in done if _finite(r[metric])]
+    best = METRICS[metric](ranked, key=lambda r: r[metric]) if ranked else None
     for r in rows:
-        r["best"] = False
+        r["best"] = r is best
+        r["vs_base"] = r["eval_loss"] - base["eval_loss"] if base and r is not base and _finite(r["eval_loss"]) else None
+        if r["baseline"]:
+            r["quality"] = "base"
+            continue
         if r not in done:
             r["quality"] = "-"
             continue
-        gap = (r["eval_loss"] - best) / abs(best) if best else 0.0
+        gap = (r["eval_loss"] - best_loss) / abs(best_loss) if best_loss else 0.0
         degenerate = (r["repeat_ngram_rate"] or 0.0) >= LOOP_RATE or (r["gen_mean_words"] or 0.0) < SHORT_WORDS
-        r["quality"] = "low" if degenerate else "high" if gap <= HIGH_GAP else "medium" if gap <= MEDIUM_GAP else "low"
-        r["best"] = r["eval_loss"] == best
+        no_gain = base is not None and r["eval_loss"] >= base["eval_loss"]
+        r["quality"] = ("low" if degenerate or no_gain else "high" if gap <= HIGH_GAP
+                        else "medium" if gap <= MEDIUM_GAP else "low")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -83,23 +100,27 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec) if _finite(x) else "-"
 
 
-def to_markdown(rows: list[dict], title: str) -> str:
-    head = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "perplexity",
-            "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB", "status"]
+def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
+    head = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "vs base",
+            "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB",
+            "device", "status"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
             f"{r['targets']} ({', '.join(r['target_modules'].split())})"
+        device = r["device"] + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
         cells = [
-            r["trial_id"] + (" *" if r["best"] else ""), str(r["r"]), targets, str(r["bits"]), r["quality"],
+            r["trial_id"] + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
+            "(no adapter)" if r["baseline"] else targets, str(r["bits"]), r["quality"],
             f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
-            _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"), _fmt(r["repeat_ngram_rate"], ".2f"),
-            _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"), _fmt(r["tokens_per_second"], ",.0f"),
-            _fmt(r["peak_gpu_mem_gb"], ".2f"), r["status"],
+            _fmt(r["vs_base"], "+.4f"), _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"),
+            _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
+            _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`*` best eval loss. quality: high = eval loss within 2% of the best; medium = within 10%; "
-              "low = the rest, or generations that loop (>= 50% repeated token 3-grams) or are very short (< 5 words)."]
+    lines += ["", f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
+              "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
+              "token 3-grams) or are very short (< 5 words)."]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +129,28 @@ def dry_run_table(planned: list[PlannedTrial]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in planned:
         c = p.cfg
+        if c.baseline:
+            lines.append(f"| {c.name} | - | (no adapter) | - | {c.bits} | 0 | {p.total_params:,} | 0 |")
+            continue
         lines.append(f"| {c.name} | {c.r} | {c.targets_label} | {', '.join(c.target_modules)} | {c.bits} | "
                      f"{p.trainable_params:,} | {p.total_params:,} | {100 * p.trainable_params / p.total_params:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_new_tokens: int) -> str:
+    """Every prompt, with the base model's and each trial's generation side by side (DIR/samples.md)."""
+    order = [r for r in rows if r["trial_id"] in generations]
+    if not order:
+        return "# Samples\n\nNo trial produced generations.\n"
+    lines = ["# Samples", "", f"Greedy decoding, max_new_tokens={max_new_tokens}, stopping at `### End`.", ""]
+    for i, item in enumerate(generations[order[0]["trial_id"]]):
+        lines += [f"## {item['product']} ({item['category']})" + ("" if item["source"] == "post" else " [held-out]"), ""]
+        if item.get("reference"):
+            lines += ["**reference**", "", "> " + item["reference"].replace("\n", "\n> "), ""]
+        for r in order:
+            gen = generations[r["trial_id"]][i]
+            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit"
+            end = "" if gen["ended"] else " _(no end marker)_"
+            text = gen["generation"].replace("\n", "\n> ") or "(empty)"
+            lines += [f"**{r['trial_id']}** ({who}){end}", "", "> " + text, ""]
+    return "\n".join(lines)

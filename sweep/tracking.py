@@ -31,6 +31,7 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params = {k: str(getattr(cfg, k)) for k in TRIAL_PARAMS}
     params["targets"] = cfg.targets_label
     params["target_modules"] = ",".join(cfg.target_modules)
+    params["generation"] = "greedy"
     return params
 
 
@@ -58,7 +59,8 @@ class MLflowTracker(Callback):
         if cfg.name in self.runs:
             return
         run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags={
-            PARENT_TAG: self.parent_id, "lora_sweep.role": "trial", "lora_sweep.trial": cfg.name,
+            PARENT_TAG: self.parent_id, "lora_sweep.role": "baseline" if cfg.baseline else "trial",
+            "lora_sweep.trial": cfg.name,
             "lora_sweep.ray_trial_id": trial.trial_id,
         })
         self.runs[cfg.name] = run.info.run_id
@@ -78,7 +80,7 @@ class MLflowTracker(Callback):
         run_id = self.runs.get(trial.config["trial"]["name"])
         if run_id is None:
             return
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         result = trial.last_result or {}
         numeric = {k: float(v) for k, v in result.items()
@@ -88,7 +90,9 @@ class MLflowTracker(Callback):
                                                            "time_since_restore", "iterations_since_restore")}
         tags = [RunTag(f"lora_sweep.{k}", str(result[k])) for k in ("device_name", "gpu_uuid", "bnb_layer_type")
                 if k in result]
-        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numeric.items()], tags=tags)
+        params = [Param("dataset_fingerprint", str(result["dataset_fingerprint"]))] if "dataset_fingerprint" in result else []
+        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numeric.items()], tags=tags,
+                              params=params)
         if trial.checkpoint is not None:
             root = Path(trial.checkpoint.path)
             for name in ("generations.md", "generations.json", "metrics.json"):
@@ -109,7 +113,7 @@ class MLflowTracker(Callback):
 
     # ---- end of the sweep -------------------------------------------------------------------------
     def finish(self, summary_dir: Path, rows: list[dict], failed: bool) -> None:
-        for name in ("summary.md", "summary.csv"):
+        for name in ("summary.md", "summary.csv", "samples.md"):
             self.client.log_artifact(self.parent_id, str(summary_dir / name))
         table = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
         self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")

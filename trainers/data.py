@@ -8,6 +8,7 @@ are ignored.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -73,11 +74,19 @@ def load_rows(source: str):
 def build_splits(source: str, train_samples: int, test_fraction: float, seed: int):
     """Sample ``train_samples`` rows with ``seed``, add the ``text`` column, split into train/test.
 
-    Returns a ``datasets.DatasetDict`` with ``train`` and ``test``; both keep the raw columns so
-    evaluation can prompt with product/category and score against the description.
+    Returns a ``datasets.DatasetDict`` with ``train`` and ``test``; both keep the raw columns (so
+    evaluation can prompt with product/category and score against the description) and ``row_id``,
+    the row's index in the source, which ``fingerprint`` hashes.
     """
     ds = load_rows(source)
+    ds = ds.add_column("row_id", list(range(len(ds))))
     n = min(train_samples, len(ds))
     ds = ds.shuffle(seed=seed).select(range(n))
     ds = ds.map(lambda r: {"text": format_row(r["product"], r["category"], r["description"])})
     return ds.train_test_split(test_size=test_fraction, seed=seed)
+
+
+def fingerprint(splits) -> str:
+    """Hash of which source rows landed in train and in test: same seed, same data, same hash."""
+    ids = ",".join(map(str, splits["train"]["row_id"])) + "|" + ",".join(map(str, splits["test"]["row_id"]))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]

@@ -21,7 +21,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import PrinterCallback, TrainerCallback
 
 from sweep.space import TrialConfig
-from trainers.data import build_splits
+from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, quality_prompts
 from trainers.models import checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer
@@ -70,6 +70,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
         torch.set_num_threads(cfg.cpus_per_trial)
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # what export needs to rebuild it
 
     # 1. data
     splits = build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
@@ -82,9 +83,12 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
     if cfg.bits in (4, 8):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
-    # 3. LoRA
+    # 3. LoRA. The baseline gets one too: PEFT starts every lora_B at zero, so the untrained adapter is
+    # exactly the base model, and its eval loss and generations come from the very same code as a trial's.
     model = get_peft_model(model, lora_config(cfg))
     trainable, total = model.get_nb_trainable_parameters()
+    if cfg.baseline:
+        trainable, total = 0, total - trainable
 
     # 4. train
     steps = StepReporter(report)
@@ -93,18 +97,20 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train()
+    if not cfg.baseline:
+        trainer.train()
     train_seconds = time.perf_counter() - start
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs
+    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs
 
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     eval_loss = float(trainer.evaluate()["eval_loss"])
     results = generate(model, tokenizer, quality_prompts(splits["test"], cfg.heldout_prompts), cfg.max_new_tokens)
 
     # 6. save the adapter (megabytes; the base stays where it came from)
-    # save_embedding_layers=False: lm_head's base weights are frozen, only its LoRA factors belong in the adapter
-    model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
-    tokenizer.save_pretrained(out_dir / "adapter")
+    if not cfg.baseline:
+        # save_embedding_layers=False: lm_head's base weights are frozen, only its LoRA factors belong here
+        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+        tokenizer.save_pretrained(out_dir / "adapter")
     (out_dir / "generations.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out_dir / "generations.md").write_text(format_generations(results))
 
@@ -115,12 +121,13 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
         "eval_loss": eval_loss,
         "perplexity": math.exp(min(eval_loss, 50.0)),
         "train_seconds": train_seconds,
-        "train_tokens_per_second": tokens / train_seconds,
+        "train_tokens_per_second": tokens / train_seconds if tokens else 0.0,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "train_loss_first": steps.losses[0] if steps.losses else float("nan"),
         "train_loss_last": steps.losses[-1] if steps.losses else float("nan"),
         "train_steps": trainer.state.global_step,
         "train_examples": len(splits["train"]),
+        "dataset_fingerprint": fingerprint(splits),
         "test_examples": len(splits["test"]),
         "bnb_layers": sum(bnb.values()),
         "bnb_layer_type": ",".join(sorted(bnb)) or "none",

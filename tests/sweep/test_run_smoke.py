@@ -44,7 +44,11 @@ def test_summary_csv_has_four_finished_rows_with_exact_counts(sweep):
     with open(sweep["dir"] / "summary.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == CSV_COLUMNS
-        rows = {r["trial_id"]: r for r in reader}
+        ordered = list(reader)
+    rows = {r["trial_id"]: r for r in ordered}
+    assert [r["trial_id"] for r in ordered] == ["base", *EXPECTED]  # the baseline row comes first
+    base = rows.pop("base")
+    assert (base["status"], base["trainable_params"], base["bits"]) == ("TERMINATED", "0", "4")
     assert set(rows) == set(EXPECTED)
     for name, (r, bits, trainable, modules) in EXPECTED.items():
         row = rows[name]
@@ -54,9 +58,26 @@ def test_summary_csv_has_four_finished_rows_with_exact_counts(sweep):
         assert math.isfinite(float(row["eval_loss"])) and float(row["eval_loss"]) > 0
         assert float(row["perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"])), rel=1e-6)
         assert float(row["peak_gpu_mem_gb"]) == 0.0
+        assert (row["device"], row["gpu_uuid"]) == ("cpu", "")
+    # the all-linear trials learned more than the base model knew
+    assert float(rows["r8-all_linear-4bit"]["eval_loss"]) < float(base["eval_loss"]) - 0.5
     md = (sweep["dir"] / "summary.md").read_text()
     assert sum(line.startswith("| r") for line in md.splitlines()) == 4  # one row per trial
-    assert "params updated (M)" in md
+    assert "| base |" in md and "params updated (M)" in md and "vs base" in md
+
+
+def test_samples_md_has_every_prompt_for_every_trial(sweep):
+    samples = (sweep["dir"] / "samples.md").read_text()
+    assert "max_new_tokens=32" in samples and "Greedy" in samples
+    sections = samples.split("\n## ")[1:]
+    assert len(sections) == 2 + 3  # the post's two prompts + 3 held-out test rows
+    assert sections[0].startswith("Corelogic Smooth Mouse (Optical Mouse)")
+    assert sections[1].startswith("Hoover Lightspeed (Cordless Vacuum Cleaner)")
+    for section in sections:
+        assert section.count("**base** (base model)") == 1
+        for name, (r, bits, _, _) in EXPECTED.items():
+            assert section.count(f"**{name}** (r={r}, ") == 1, (name, section[:80])
+    assert all("**reference**" in s for s in sections[2:])
 
 
 def test_bitsandbytes_layers_and_loss_goes_down(sweep):
@@ -66,6 +87,11 @@ def test_bitsandbytes_layers_and_loss_goes_down(sweep):
         assert (m["bnb_layer_type"], m["bnb_layers"]) == ({4: "Linear4bit", 8: "Linear8bitLt"}[bits], 14)
         assert m["train_loss_last"] < m["train_loss_first"] - 0.05, name
         assert m["train_steps"] == 72  # 288 examples / batch 8 x 2 epochs
+        assert len(m["dataset_fingerprint"]) == 16
+    fingerprints = {json.loads((sweep["dir"] / "trials" / n / "metrics.json").read_text())["dataset_fingerprint"]
+                    for n in [*EXPECTED, "base"]}
+    assert len(fingerprints) == 1  # every trial and the baseline saw the same rows
+    assert not (sweep["dir"] / "trials" / "base" / "adapter").exists()
 
 
 def test_every_lora_factor_trained_including_lm_head(sweep):
@@ -87,11 +113,13 @@ def test_mlflow_one_parent_four_children(sweep):
     exp = client.get_experiment_by_name("smoke")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4
+    children = [r for r in runs if r.data.tags.get("lora_sweep.role") == "trial"]
+    baselines = [r for r in runs if r.data.tags.get("lora_sweep.role") == "baseline"]
+    assert len(runs) == 6 and len(parents) == 1 and len(children) == 4 and len(baselines) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.csv"}
+    assert baselines[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.csv", "samples.md"}
     assert {c.info.run_name for c in children} == set(EXPECTED)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -102,7 +130,7 @@ def test_mlflow_one_parent_four_children(sweep):
         assert (p["lora_alpha"], p["lora_dropout"], p["epochs"], p["batch_size"]) == ("8", "0.05", "2", "8")
         assert (p["max_seq_length"], p["train_samples"], p["seed"]) == ("256", "320", "42")
         assert p["model"] == "random:tiny-llama" and p["dataset"] == "bundled:products-400"
-        assert p["learning_rate"] == "0.003"
+        assert p["learning_rate"] == "0.003" and p["generation"] == "greedy" and len(p["dataset_fingerprint"]) == 16
         assert child.data.metrics["trainable_params"] == trainable
         assert math.isfinite(child.data.metrics["eval_loss"])
         history = client.get_metric_history(child.info.run_id, "loss")

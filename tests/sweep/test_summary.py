@@ -7,14 +7,15 @@ from sweep.space import TrialConfig
 from sweep.summary import CSV_COLUMNS, build_rows, to_markdown, write_csv
 
 
-def planned(name, r=8):
+def planned(name, r=8, baseline=False):
     cfg = TrialConfig(name=name, index=0, model="m", dataset="d", r=r, targets="attention", bits=4,
-                      target_modules=("q_proj", "v_proj"))
-    return PlannedTrial(cfg, 100, 1000)
+                      target_modules=("q_proj", "v_proj"), baseline=baseline)
+    return PlannedTrial(cfg, 0 if baseline else 100, 1000)
 
 
-def metrics(loss, repeat=0.1, words=40.0):
-    return {"eval_loss": loss, "perplexity": 2.0, "repeat_ngram_rate": repeat, "gen_mean_words": words}
+def metrics(loss, repeat=0.1, words=40.0, rouge=0.2):
+    return {"eval_loss": loss, "perplexity": 2.0, "repeat_ngram_rate": repeat, "gen_mean_words": words,
+            "rouge_l": rouge}
 
 
 def test_quality_rule_and_best_marker(tmp_path):
@@ -42,3 +43,20 @@ def test_quality_rule_and_best_marker(tmp_path):
 def test_trials_that_never_ran_keep_their_planned_counts():
     (row,) = build_rows([planned("x")], {})
     assert (row["status"], row["trainable_params"], row["quality"]) == ("NOT_RUN", 100, "-")
+
+
+def test_baseline_row_gives_deltas_and_caps_quality():
+    ps = [planned("base", baseline=True), planned("good"), planned("useless"), planned("wordy")]
+    rows = build_rows(ps, {
+        "base": ("TERMINATED", metrics(3.0)),
+        "good": ("TERMINATED", metrics(2.0, rouge=0.1)),
+        "useless": ("TERMINATED", metrics(3.01)),       # worse than the base model: bought nothing
+        "wordy": ("TERMINATED", metrics(2.02, rouge=0.4)),
+    }, metric="rouge_l")
+    assert [r["quality"] for r in rows] == ["base", "high", "low", "high"]
+    assert [r["vs_base"] for r in rows][1:] == [-1.0, 3.01 - 3.0, 2.02 - 3.0]
+    assert rows[0]["vs_base"] is None
+    assert [r["best"] for r in rows] == [False, False, False, True]  # best by ROUGE-L, never the base row
+    md = to_markdown(rows, "t", "rouge_l")
+    assert "| base | - | (no adapter) | 4 | base | 0.000 (0) |" in md and "best by rouge_l" in md
+    assert "| -1.0000 |" in md

@@ -63,3 +63,13 @@ def test_unusable_files_fail_with_one_line(tmp_path, content, says):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="dataset file not found"):
         load_rows(str(tmp_path / "none.csv"))
+
+
+def test_fingerprint_is_stable_across_runs_and_differs_across_seeds():
+    from trainers.data import fingerprint
+
+    a = fingerprint(build_splits("bundled:products-400", 100, 0.1, seed=42))
+    assert a == fingerprint(build_splits("bundled:products-400", 100, 0.1, seed=42))
+    assert a != fingerprint(build_splits("bundled:products-400", 100, 0.1, seed=43))
+    assert a != fingerprint(build_splits("bundled:products-400", 101, 0.1, seed=42))
+    assert len(a) == 16 and int(a, 16) >= 0

@@ -7,6 +7,9 @@ Writes:
                                   category, description): demo and test data, Red Dot schema
   models/tiny-llama/tokenizer.json  a 1,024-token byte-level BPE trained on that slice, so the tiny
                                   model sees realistic tokens without any Hub download
+  models/open_llama_3b_v2/tokenizer.json  a 32,000-token BPE (OpenLLaMA's vocabulary size) trained
+                                  on all 13,824 rows, so random:open_llama_3b_v2 sees realistic
+                                  token counts per example (real runs use the checkpoint's own)
 
 The model configs under models/ are written by hand (tiny-llama) or copied from the published
 config.json of the checkpoint (open_llama_3b_v2); they are data, not code.
@@ -21,25 +24,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 HERE = Path(__file__).parent
 SLICE_ROWS = 400  # enough for a 320/32 train/test split in the smoke sweep, small enough to ship
 TINY_VOCAB = 1024  # multiple of 32: bitsandbytes' CPU 4-bit path asserts out_features % 32 == 0
+OPEN_LLAMA_VOCAB = 32000  # the real model's vocabulary size
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                    "unk_token": "<unk>", "pad_token": "<unk>", "padding_side": "right"}
 
 
-def main(source: str) -> None:
-    rows = []
-    with open(source) as f:
-        for line in f:
-            row = json.loads(line)
-            rows.append({k: row[k] for k in ("product", "category", "description")})
-            if len(rows) == SLICE_ROWS:
-                break
-    out = HERE / "products-400.jsonl"
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-    # Byte-level BPE like LLaMA-family fast tokenizers; specials match the LLaMA ids (unk 0, bos 1, eos 2).
+def train_tokenizer(rows: list[dict], vocab_size: int, model_dir: Path, max_length: int) -> int:
+    """Byte-level BPE like LLaMA-family fast tokenizers; specials match the LLaMA ids (unk 0, bos 1, eos 2)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -48,8 +44,20 @@ def main(source: str) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
-    tok.save(str(HERE / "models" / "tiny-llama" / "tokenizer.json"))
-    print(f"wrote {out} ({len(rows)} rows) and a {tok.get_vocab_size()}-token tokenizer")
+    tok.save(str(model_dir / "tokenizer.json"))
+    config = {**TOKENIZER_CONFIG, "model_max_length": max_length}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tok.get_vocab_size()
+
+
+def main(source: str) -> None:
+    with open(source) as f:
+        rows = [{k: row[k] for k in ("product", "category", "description")} for row in map(json.loads, f)]
+    out = HERE / "products-400.jsonl"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:SLICE_ROWS]))
+    tiny = train_tokenizer(rows[:SLICE_ROWS], TINY_VOCAB, HERE / "models" / "tiny-llama", max_length=512)
+    full = train_tokenizer(rows, OPEN_LLAMA_VOCAB, HERE / "models" / "open_llama_3b_v2", max_length=2048)
+    print(f"wrote {out} ({SLICE_ROWS} rows), a {tiny}-token and a {full}-token tokenizer")
 
 
 if __name__ == "__main__":
