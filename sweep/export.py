@@ -1,0 +1,208 @@
+"""Export one trial of a finished sweep: its adapter, or the adapter merged into a plain model.
+
+    python -m sweep.export sweeps/paper-grid                       # best trial's adapter -> DIR/export/<id>/
+    python -m sweep.export sweeps/paper-grid --merge               # best trial merged -> DIR/export/<id>-merged/
+    python -m sweep.export sweeps/paper-grid --trial r8-all_linear-4bit --out /models/desc-writer
+
+Every export re-measures the held-out loss before it writes anything. A merged model is written only
+if its loss matches the adapter's on the same unquantized base; a trial's own eval_loss was measured
+on its quantized base and is reported next to it for information.
+
+Exit codes: 0 exported, 1 the merged model's loss disagrees with the adapter's (nothing written),
+2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+from sweep.space import TrialConfig
+
+
+class UsageError(Exception):
+    """Bad input; the message is one line for the user."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sweep.export", description=__doc__.split("\n")[0])
+    p.add_argument("sweep_dir", metavar="DIR", help="a finished sweep directory (has summary.csv and trials/)")
+    p.add_argument("--trial", default="best",
+                   help="trial id, or 'best': the finished trial with the lowest eval_loss (default)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the unquantized base and save a plain model")
+    p.add_argument("--out", help="output directory (default DIR/export/<trial_id>[-merged])")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return export(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _float(x) -> float | None:
+    try:
+        return v if math.isfinite(v := float(x)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_sweep(sweep: Path) -> dict[str, dict]:
+    """summary.csv rows by trial id, plus any trial directory the table lacks (a sweep cut short)."""
+    if not sweep.exists():
+        raise UsageError(f"sweep directory not found: {sweep}")
+    if not sweep.is_dir() or not ((sweep / "summary.csv").is_file() or (sweep / "trials").is_dir()):
+        raise UsageError(f"{sweep} is not a sweep directory (no summary.csv or trials/)")
+    rows: dict[str, dict] = {}
+    if (sweep / "summary.csv").is_file():
+        with open(sweep / "summary.csv", newline="") as f:
+            reader = csv.DictReader(f)
+            if "trial_id" not in (reader.fieldnames or []):
+                raise UsageError(f"{sweep / 'summary.csv'} has no trial_id column: not a sweep summary")
+            rows = {r["trial_id"]: r for r in reader}
+    if (sweep / "trials").is_dir():
+        for d in sorted((sweep / "trials").iterdir()):
+            if d.is_dir():
+                rows.setdefault(d.name, {"trial_id": d.name, "status": "?"})
+    return rows
+
+
+def pick_trial(rows: dict[str, dict], wanted: str) -> str:
+    if wanted == "best":
+        done = [(_float(r.get("eval_loss")), tid) for tid, r in rows.items()
+                if tid != "base" and r.get("status") == "TERMINATED" and _float(r.get("eval_loss")) is not None]
+        if not done:
+            raise UsageError("summary.csv has no finished trial (status TERMINATED, with an eval_loss) to export")
+        return min(done)[1]
+    if wanted not in rows:
+        raise UsageError(f"unknown trial '{wanted}' (known: {', '.join(rows) or 'none'})")
+    return wanted
+
+
+def check_trial(sweep: Path, tid: str, row: dict) -> tuple[TrialConfig, Path]:
+    if tid == "base":
+        raise UsageError("trial 'base' is the baseline without an adapter: there is nothing to export")
+    tdir = sweep / "trials" / tid
+    adapter = tdir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"trial '{tid}' has no adapter (status {row.get('status') or '?'}): "
+                         "only finished trials can be exported")
+    try:
+        cfg = TrialConfig.from_dict(json.loads((tdir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise UsageError(f"trial '{tid}' has no config.json (written by trials since export exists); "
+                         "re-run the trial to export it") from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{tdir / 'config.json'}: not a trial config ({e})") from None
+    return cfg, adapter
+
+
+def check_out(out: Path) -> None:
+    """Fail before the minutes of loading, not after: the nearest existing ancestor must take a file."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # Writing into an old export could leave adapter files next to a merged model, and
+        # from_pretrained would then load it as a PEFT model.
+        raise UsageError(f"--out {out} already exists and is not empty; remove it or choose another path")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write to {out}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {out}: {e.strerror or e}") from None
+
+
+def export(args: argparse.Namespace) -> int:
+    sweep = Path(args.sweep_dir)
+    rows = read_sweep(sweep)
+    tid = pick_trial(rows, args.trial)
+    cfg, adapter = check_trial(sweep, tid, rows[tid])
+    out = Path(args.out) if args.out else sweep / "export" / (tid + ("-merged" if args.merge else ""))
+    check_out(out)
+    metrics_file = sweep / "trials" / tid / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    trial_loss = _float(metrics.get("eval_loss"))
+
+    import datasets
+    import torch  # heavy imports only once the input is known to be good
+    import transformers
+
+    from trainers import merge as M
+    from trainers.data import DataError, fingerprint
+    from trainers.models import ModelError
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"trial '{tid}' was trained with device=cuda but no CUDA GPU is visible here")
+    if args.trial == "best":
+        print(f"best trial: {tid} (eval_loss {_float(rows[tid].get('eval_loss')):.6f})", flush=True)
+    datasets.disable_progress_bars()  # per-eval tokenizing bars would bury the summary
+    transformers.utils.logging.disable_progress_bar()
+    dtype = M.compute_dtype(cfg)
+    info = {"trial_id": tid, "base_model": cfg.model, "bits": cfg.bits, "merged": args.merge,
+            "device": cfg.device, "eval_loss_trial": trial_loss}
+    try:
+        splits = M.rebuild_splits(cfg)
+        info["dataset_fingerprint"] = fingerprint(splits)
+        if metrics.get("dataset_fingerprint") not in (None, info["dataset_fingerprint"]):
+            print(f"warning: the rebuilt test split differs from trial '{tid}'s (has {cfg.dataset} changed?); "
+                  "its eval_loss is not comparable with the ones measured here", file=sys.stderr)
+        model, tokenizer = M.load_adapted(cfg, adapter, quantized=not args.merge)
+        adapter_loss = M.eval_loss(cfg, model, tokenizer, splits)
+        info.update(eval_loss_adapter=adapter_loss, test_examples=len(splits["test"]),
+                    adapter_eval_base=str(dtype).removeprefix("torch.") if args.merge else f"{cfg.bits}-bit")
+        if args.merge:
+            model = M.merge(model)
+            merged_loss = M.eval_loss(cfg, model, tokenizer, splits)
+            gap, tol = M.relative_gap(merged_loss, adapter_loss), M.MERGE_TOLERANCE[dtype]
+            info.update(eval_loss_merged=merged_loss, merge_rel_diff=gap, merge_tolerance=tol,
+                        dtype=str(dtype).removeprefix("torch."))
+            if gap > tol:
+                print(f"error: MERGE CHECK FAILED for trial '{tid}': merged eval loss {merged_loss:.6f} vs adapter "
+                      f"{adapter_loss:.6f} (relative diff {gap:.2e} > tolerance {tol:.0e}); nothing written",
+                      file=sys.stderr)
+                return 1
+    except (ModelError, DataError) as e:
+        raise UsageError(str(e)) from None
+    final = info.get("eval_loss_merged", adapter_loss)
+    info["diff_vs_trial"] = None if trial_loss is None else final - trial_loss
+
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        model.save_pretrained(out)
+    else:  # lm_head's base weights are frozen: only its LoRA factors belong in the adapter
+        model.save_pretrained(out, save_embedding_layers=False)
+    tokenizer.save_pretrained(out)
+    info["out"] = str(out.resolve())
+    (out / "export.json").write_text(json.dumps(info, indent=1))
+    print_summary(info)
+    return 0
+
+
+def print_summary(info: dict) -> None:
+    kind = f"a merged {info['dtype']} model" if info["merged"] else "an adapter"
+    lines = [f"exported trial {info['trial_id']} ({info['base_model']}, trained on {info['bits']}-bit) as {kind}",
+             f"  eval loss  adapter, {info['adapter_eval_base'] + ' base':14} {info['eval_loss_adapter']:.6f}"]
+    if info["merged"]:
+        lines.append(f"             {'merged model':23} {info['eval_loss_merged']:.6f}  "
+                     f"(relative diff {info['merge_rel_diff']:.1e}, tolerance {info['merge_tolerance']:.0e})")
+    if info["eval_loss_trial"] is not None:
+        lines.append(f"             {'trial, ' + str(info['bits']) + '-bit base':23} {info['eval_loss_trial']:.6f}  "
+                     f"(exported - trial {info['diff_vs_trial']:+.6f}, from training; informational)")
+    lines.append(f"  out: {info['out']}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
