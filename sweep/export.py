@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sweep.run import quiet_libraries
 from sweep.space import TrialConfig
 
 
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    quiet_libraries()
     args = parse_args(argv)
     try:
         return export(args)

@@ -24,11 +24,13 @@ def _absolute(value: str) -> str:
     return str(Path(value).resolve()) if Path(value).exists() else value
 
 
-def plan(configs: list[TrialConfig], space_path) -> list[PlannedTrial]:
+def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True) -> list[PlannedTrial]:
+    """Resolve and count every trial. ``for_training`` also checks that the data and weights can be
+    had (a dry run needs neither: only configs, which are bundled for the post's model)."""
     from peft import get_peft_model
 
-    from trainers.data import DataError, load_rows, local_path
-    from trainers.models import ModelError, load_config, lora_config, meta_model, resolve_targets
+    from trainers.data import DataError, check_available
+    from trainers.models import ModelError, check_weights_available, load_config, lora_config, meta_model, resolve_targets
 
     def fail(cfg: TrialConfig, field: str, e: Exception):
         raise SpaceError(f"{space_path}: trial {cfg.index} ({cfg.name}): field '{field}': {e}") from None
@@ -36,9 +38,9 @@ def plan(configs: list[TrialConfig], space_path) -> list[PlannedTrial]:
     model_configs, datasets_ok, out = {}, set(), []
     for cfg in configs:
         cfg = replace(cfg, model=_absolute(cfg.model), dataset=_absolute(cfg.dataset))
-        if cfg.dataset not in datasets_ok and local_path(cfg.dataset) is not None:
-            try:  # local files are cheap to check now; Hub datasets are checked by the trial
-                load_rows(cfg.dataset)
+        if for_training and cfg.dataset not in datasets_ok:
+            try:
+                check_available(cfg.dataset)
             except DataError as e:
                 fail(cfg, "dataset", e)
             datasets_ok.add(cfg.dataset)
@@ -46,6 +48,8 @@ def plan(configs: list[TrialConfig], space_path) -> list[PlannedTrial]:
         if key not in model_configs:
             try:
                 model_configs[key] = load_config(cfg.model, cfg.trust_remote_code)
+                if for_training:
+                    check_weights_available(cfg.model)
             except ModelError as e:
                 fail(cfg, "model", e)
         model = meta_model(model_configs[key])

@@ -6,6 +6,10 @@
     python -m sweep.run search_spaces/paper_grid.py --set model=random:open_llama_3b_v2 --set train_samples=500
     python -m sweep.run SPACE --address ray://head:10001              # the same on a Ray cluster
 
+Re-running the same command on the same sweep directory resumes it: finished trials are kept,
+interrupted ones continue from their latest checkpoint (Ray Tune's restore), and MLflow keeps one
+run per trial. ``--fresh`` moves the old directory aside instead.
+
 Exit codes: 0 every trial finished, 1 some trial failed (the table is still written), 2 bad input
 (nothing started, nothing earlier touched).
 """
@@ -16,10 +20,15 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
+import time
+import uuid
 from pathlib import Path
 
-from sweep.space import SpaceError, baseline_of, expand, load_space, parse_sets
+from sweep.ledger import LEDGER, MANIFEST, Ledger, read_json, write_json
+from sweep.space import SpaceError, baseline_of, expand, load_space, parse_sets, sweep_fingerprint
+from sweep.tracking import MLflowTracker, tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "perplexity", "rouge_l",
                                                              "repeat_ngram_rate", "end_marker_rate"],
                    help="measure that picks the best trial (default eval_loss)")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="retries of a failing trial, each from its latest checkpoint (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="require an interrupted sweep in the output directory (re-running the command resumes anyway)")
+    p.add_argument("--fresh", action="store_true",
+                   help="move an existing sweep directory aside (DIR.old-<time>) and start over; nothing is deleted")
     p.add_argument("--dry-run", action="store_true", help="print the trials with exact parameter counts and exit")
     return p.parse_args(argv)
 
@@ -47,7 +62,22 @@ class UsageError(Exception):
     """Bad input found after the space validated (cluster, output directory); exit 2."""
 
 
+def quiet_libraries() -> None:
+    """The driver trains nothing: library deprecation notes would only bury our one-line errors."""
+    import logging
+    import warnings
+
+    for category in (FutureWarning, UserWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels it looks for on the Hub
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a bad file is reported by us, in one line
+    if "datasets" in sys.modules:  # already imported (as in tests): its env var is read at import only
+        sys.modules["datasets"].disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv=None) -> int:
+    quiet_libraries()
     args = parse_args(argv)
     try:
         return run(args)
@@ -62,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     space = load_space(args.space)
     configs = expand(space, args.space, parse_sets(args.set))
-    planned = plan(configs, args.space)
+    planned = plan(configs, args.space, for_training=not args.dry_run)
     if not args.no_baseline:
         first = planned[0]
         planned.insert(0, PlannedTrial(baseline_of(first.cfg), 0, first.total_params - first.trainable_params))
@@ -73,22 +103,65 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.gpus_per_trial <= 0:
         raise UsageError(f"--gpus-per-trial must be > 0, got {args.gpus_per_trial}")
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
     out = Path(args.output or Path("sweeps") / name).resolve()
-    prepare_output(out)
+    fingerprint = sweep_fingerprint([p.cfg for p in planned])
+    check_writable(out)
+    manifest = existing_sweep(out, fingerprint, args)
+    check_address(args.address)
 
     import ray
 
     start_ray(args)
     try:
         check_resources(planned, args.gpus_per_trial)
-        return execute(args, name, out, planned)
+        prepare_output(out)
+        if manifest is None:
+            manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": str(args.space),
+                        "space_fingerprint": fingerprint, "mlflow_uri": tracking_uri(args.mlflow_uri),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_json(out / MANIFEST, manifest)
+        return execute(args, manifest, out, planned)
     finally:
         ray.shutdown()
 
 
+def existing_sweep(out: Path, fingerprint: str, args) -> dict | None:
+    """The manifest of the sweep to resume, or None to start one. Only reads, or moves aside on --fresh."""
+    manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    if manifest is None and (out / "tune").exists():
+        raise UsageError(f"{out} holds a Ray experiment that is not a lora-sweep sweep; pass another --output")
+    if manifest is not None and args.fresh:
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"moved the previous sweep aside to {aside}", flush=True)
+        return None
+    if manifest is None:
+        if args.resume:
+            raise UsageError(f"--resume: no sweep to resume in {out}")
+        return None
+    if manifest["space_fingerprint"] != fingerprint:
+        raise UsageError(
+            f"{out} was started from a different space (fingerprint {manifest['space_fingerprint']}, now "
+            f"{fingerprint}): the space file or --set values changed; restore them to resume, or pass --fresh "
+            "to move the old sweep aside and start over")
+    ledger = read_json(out / LEDGER)
+    done = sum(e["status"] == "TERMINATED" for e in ledger.values())
+    print(f"resuming sweep {manifest['name']} in {out}: {done} trial(s) already finished", flush=True)
+    return manifest
+
+
+def check_writable(out: Path) -> None:
+    """Before anything starts, and without creating anything: can the sweep directory be made and written?"""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {out} is not writable ({probe} is not a writable directory)")
+
+
 def prepare_output(out: Path) -> None:
-    if (out / "tune").exists():
-        raise UsageError(f"{out} already holds a sweep; pass another --output or --name (its results are kept)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -96,6 +169,18 @@ def prepare_output(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"output directory {out} is not writable: {e.strerror}") from None
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds on an unreachable cluster instead of Ray's long connection retries."""
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"Ray address {address} is unreachable ({getattr(e, 'strerror', None) or e})") from None
 
 
 def start_ray(args) -> None:
@@ -154,34 +239,48 @@ def trial_resources(gpus_per_trial: float):
     return resources
 
 
-def execute(args, name: str, out: Path, planned) -> int:
+def execute(args, manifest: dict, out: Path, planned) -> int:
     from ray import tune
 
     from sweep.summary import build_rows, samples_markdown, to_markdown, write_csv
-    from sweep.tracking import MLflowTracker, tracking_uri
     from trainers.trial import tune_trainable
 
-    first = planned[0].cfg
-    tracker = MLflowTracker(tracking_uri(args.mlflow_uri), experiment=name, parent_run_name=name, parent_params={
+    first, name = planned[0].cfg, manifest["name"]
+    # The manifest's tracking URI wins on resume, so the sweep's runs stay in one store.
+    tracker = MLflowTracker(manifest["mlflow_uri"], experiment=name, sweep_id=manifest["sweep_id"])
+    tracker.start({
         "space_file": str(args.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
         "sets": " ".join(args.set), "output": str(out), "metric": args.metric,
         "generation": f"greedy, max_new_tokens={first.max_new_tokens}",
     })
-    trial_name = lambda t: t.config["trial"]["name"]  # noqa: E731 - names like r8-attention-4bit
-    tuner = tune.Tuner(
-        tune.with_resources(tune_trainable, trial_resources(args.gpus_per_trial)),
-        param_space={"trial": tune.grid_search([p.cfg.to_dict() for p in planned])},
-        tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out), callbacks=[tracker], verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )
+    trainable = tune.with_resources(tune_trainable, trial_resources(args.gpus_per_trial))
+    param_space = {"trial": tune.grid_search([p.cfg.to_dict() for p in planned]), "tune_dir": str(out / "tune")}
+    if tune.Tuner.can_restore(str(out / "tune")):
+        # Ray Tune's own restore: finished trials stay finished, the others continue from their checkpoints.
+        tuner = tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        trial_name = lambda t: t.config["trial"]["name"]  # noqa: E731 - names like r8-attention-4bit
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(out), callbacks=[tracker, Ledger(str(out))], verbose=1,
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                # Keep every checkpoint: with num_to_keep, Ray restored from a stale snapshot deletes checkpoints
+                # it remembers and fails on ones already gone; trial checkpoints are adapter-sized anyway.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            ),
+        )
     grid = tuner.fit()
 
     outcomes, generations = {}, {}
     for result in grid:
         trial = result.config["trial"]["name"]
         ok = result.error is None and "eval_loss" in (result.metrics or {})
-        outcomes[trial] = ("TERMINATED" if ok else "ERROR", result.metrics or {})
+        error = "" if ok else (str(result.error).strip().splitlines() or ["did not finish"])[-1]
+        outcomes[trial] = ("TERMINATED" if ok else "ERROR", {**(result.metrics or {}), "error": error})
         if ok and result.checkpoint is not None:  # the adapter and generations, where people look for them
             shutil.copytree(result.checkpoint.path, out / "trials" / trial, dirs_exist_ok=True)
             generations[trial] = json.loads((out / "trials" / trial / "generations.json").read_text())
@@ -192,6 +291,9 @@ def execute(args, name: str, out: Path, planned) -> int:
     (out / "samples.md").write_text(samples_markdown(rows, generations, first.max_new_tokens))
     failed = any(r["status"] != "TERMINATED" for r in rows)
     tracker.finish(out, rows, failed)
+    for r in rows:
+        if r["status"] != "TERMINATED":
+            print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
     print("\n" + md + f"\nresults: {out}  (summary.md, samples.md, summary.csv, trials/<id>/adapter)\n"
           f"compare in MLflow: mlflow ui --backend-store-uri {tracking_uri(args.mlflow_uri)}", flush=True)
     return 1 if failed else 0

@@ -15,7 +15,9 @@ driver to a trial. Every problem is reported as ``file: trial N (name): field 'x
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import runpy
 import traceback
 import typing
@@ -60,6 +62,9 @@ class Settings:
     heldout_prompts: int = 3
     """Test-split rows generated for, besides the post's two prompts, to score ROUGE-L."""
     cpus_per_trial: int = 1
+    checkpoint_every: int = 50
+    """Optimizer steps between trial checkpoints (adapter, optimizer, scheduler, RNG, step): an
+    interrupted trial resumes from its latest one instead of step 0."""
     trust_remote_code: bool = False
     """Off unless a space turns it on: remote code runs with the trial's permissions."""
 
@@ -141,7 +146,8 @@ class TrialConfig(Settings):
         check("learning_rate", is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
         check("epochs", is_num(self.epochs) and self.epochs > 0, "must be a positive number")
         check("test_fraction", is_num(self.test_fraction) and 0 < self.test_fraction < 1, "must be in (0, 1)")
-        for name in ("batch_size", "grad_accum", "logging_steps", "max_new_tokens", "cpus_per_trial"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_new_tokens", "cpus_per_trial",
+                     "checkpoint_every"):
             check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "must be an integer >= 1")
         check("max_seq_length", is_int(self.max_seq_length) and self.max_seq_length >= 16, "must be an integer >= 16")
         check("train_samples", is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
@@ -157,6 +163,11 @@ class TrialConfig(Settings):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this trial across restarts: ledger key and MLflow tag."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialConfig":
@@ -243,6 +254,11 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
             raise SpaceError(f"{path}: trial {i} ({name}): field '{fname}' {msg}")
         configs.append(cfg)
     return configs
+
+
+def sweep_fingerprint(configs: Sequence[TrialConfig]) -> str:
+    """Identity of a whole sweep: the space file's trials after --set. Resume refuses a mismatch."""
+    return hashlib.sha256("|".join(c.fingerprint for c in configs).encode()).hexdigest()[:16]
 
 
 def baseline_of(cfg: TrialConfig) -> TrialConfig:

@@ -23,7 +23,7 @@ from sweep.plan import PlannedTrial
 CSV_COLUMNS = [
     "trial_id", "r", "target_modules", "bits", "trainable_params", "total_params", "trainable_pct", "eval_loss",
     "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
-    "peak_gpu_mem_gb", "status", "device", "gpu_uuid",
+    "peak_gpu_mem_gb", "status", "device", "gpu_uuid", "error",
 ]
 # --metric choices: which way is better for each
 METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
@@ -57,6 +57,7 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]
             "status": status,
             "device": m.get("device_name", ""),
             "gpu_uuid": m.get("gpu_uuid", ""),
+            "error": m.get("error", ""),
             "baseline": p.cfg.baseline,
         })
     _add_quality(rows, metric)
@@ -118,6 +119,9 @@ def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
             _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != "TERMINATED" and r.get("error")]
+    if errors:
+        lines += ["", "Errors:", *errors]
     lines += ["", f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
               "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
               "token 3-grams) or are very short (< 5 words)."]

@@ -61,6 +61,10 @@ def load_rows(source: str):
             ds = datasets.load_dataset(source, split="train")
     except DataError:
         raise
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):  # datasets' words for a file with no rows
+            raise DataError(f"cannot load dataset '{source}': {str(e).splitlines()[0]}") from None
+        raise DataError(f"dataset '{source}' is empty") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the first line
         raise DataError(f"cannot load dataset '{source}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     missing = [c for c in COLUMNS if c not in ds.column_names]
@@ -69,6 +73,29 @@ def load_rows(source: str):
     if len(ds) == 0:
         raise DataError(f"dataset '{source}' is empty")
     return ds.select_columns(list(COLUMNS))
+
+
+def check_available(source: str) -> None:
+    """Fail now, in the driver, on a dataset no trial could load: a local file that is missing,
+    unreadable, empty or without the columns; or a Hub id while the Hub is unreachable and the
+    dataset is not in the local cache. (A reachable Hub dataset is left to the trials to download.)"""
+    from trainers.models import hub_reachable
+
+    if local_path(source) is not None:
+        load_rows(source)
+        return
+    if hub_reachable():
+        return
+    import datasets
+    import huggingface_hub.constants
+
+    # the Hub is down anyway: answer from the cache at once instead of after the client's retries
+    huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        load_rows(source)
+    except DataError:
+        raise DataError(f"dataset '{source}': the Hugging Face Hub is unreachable and it is not cached; point the "
+                        "dataset at a local .jsonl/.csv/.parquet file (--set dataset=path)") from None
 
 
 def build_splits(source: str, train_samples: int, test_fraction: float, seed: int):

@@ -190,18 +190,26 @@ def materialize_random(name: str, seed: int) -> Path:
     return final
 
 
+def check_weights_available(model_id: str) -> None:
+    """Raise ModelError unless a trial could load this model's weights: bundled random, local, Hub or cache."""
+    if model_id.startswith("random:") or Path(model_id).is_dir() or hub_reachable():
+        return
+    try:  # a warm HF cache works offline
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_files_only=True, allow_patterns=["*.safetensors", "*.bin"])
+    except Exception:  # noqa: BLE001 - any miss means the weights are not here
+        raise ModelError(
+            f"model '{model_id}': the Hugging Face Hub is unreachable and the weights are not cached; "
+            "point the model at a local copy (--set model=/path/to/model)"
+        ) from None
+
+
 def checkpoint_path(cfg) -> str:
     """Where from_pretrained reads weights: the Hub id, the local directory or the materialized random model."""
     if cfg.model.startswith("random:"):
         return str(materialize_random(cfg.model.removeprefix("random:"), cfg.seed))
-    if not Path(cfg.model).is_dir() and not hub_reachable():
-        try:  # a warm HF cache works offline
-            AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-        except (OSError, ValueError):
-            raise ModelError(
-                f"model '{cfg.model}': the Hugging Face Hub is unreachable and the weights are not cached; "
-                "point the model at a local copy (--set model=/path/to/model)"
-            ) from None
+    check_weights_available(cfg.model)
     return cfg.model
 
 

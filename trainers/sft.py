@@ -36,7 +36,7 @@ class LogitsLossSFTTrainer(SFTTrainer):
         return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
-def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=()) -> SFTTrainer:
+def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), checkpoints: bool = False) -> SFTTrainer:
     cuda = cfg.device == "cuda"
     args = SFTConfig(
         output_dir=output_dir,
@@ -56,7 +56,11 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=()) -
         seed=cfg.seed,
         data_seed=cfg.seed,
         eval_strategy="no",
-        save_strategy="no",
+        # Checkpoints (adapter, optimizer, scheduler, RNG, step) let an interrupted trial resume mid-way;
+        # the trial hands each one to Ray Tune, so one local copy is enough.
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=1,
         report_to=[],  # tracking is the driver's job (one MLflow writer for the whole sweep)
         disable_tqdm=True,
         dataloader_num_workers=0,

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +22,52 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import PrinterCallback, TrainerCallback
 
 from sweep.space import TrialConfig
+from trainers import checkpoints
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, quality_prompts
 from trainers.models import checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer
 
 Report = Callable[[dict], None]
+
+
+class CheckpointReporter(TrainerCallback):
+    """Hands every checkpoint the Trainer writes (adapter, optimizer, scheduler, RNG, step) to the driver."""
+
+    def __init__(self, on_checkpoint: Callable[[Path, int], None]):
+        self.on_checkpoint = on_checkpoint
+
+    def on_save(self, args, state, control, **kwargs):
+        self.on_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+
+class FaultInjector(TrainerCallback):
+    """Test hook, off unless LORA_SWEEP_FAULTS is set (JSON: trial name -> {step, mode, marker?, sleep?}).
+
+    mode ``raise`` raises at ``step``; ``kill`` SIGKILLs this worker process at ``step``; ``slow``
+    sleeps ``sleep`` seconds every step (so a test can interrupt mid-training). With ``marker``, the
+    fault fires only while that file does not exist, and creates it: once, as Ray Tune's own fault
+    tests do.
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def on_step_end(self, args, state, control, **kwargs):
+        s = self.spec
+        if s["mode"] == "slow":
+            time.sleep(s.get("sleep", 0.2))
+            return
+        if state.global_step != s["step"]:
+            return
+        marker = s.get("marker")
+        if marker:
+            if os.path.exists(marker):
+                return
+            Path(marker).write_text(str(os.getpid()))
+        if s["mode"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at step {state.global_step}")
 
 
 class StepReporter(TrainerCallback):
@@ -60,8 +101,13 @@ def device_info(cuda: bool) -> dict:
     return {"device_name": props.name, "gpu_uuid": str(props.uuid)}
 
 
-def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> dict:
-    """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir."""
+def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
+              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+    """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir.
+
+    ``resume_from`` is a Trainer checkpoint (of ``resume_step``) to continue from; ``on_checkpoint``
+    receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps.
+    """
     report = report or (lambda metrics: None)
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -92,15 +138,21 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
 
     # 4. train
     steps = StepReporter(report)
-    trainer = make_trainer(cfg, model, tokenizer, splits, str(out_dir / "hf"), callbacks=[steps])
+    callbacks = [steps] + ([CheckpointReporter(on_checkpoint)] if on_checkpoint else [])
+    if (fault := json.loads(os.environ.get("LORA_SWEEP_FAULTS", "{}")).get(cfg.name)):
+        callbacks.append(FaultInjector(fault))
+    trainer = make_trainer(cfg, model, tokenizer, splits, str(out_dir / "hf"), callbacks=callbacks,
+                           checkpoints=on_checkpoint is not None)
     trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     if not cfg.baseline:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - start
-    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs
+    total_steps = max(trainer.state.max_steps, 1)
+    done = (trainer.state.global_step - resume_step) / total_steps  # share of the training this process ran
+    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs * done
 
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     eval_loss = float(trainer.evaluate()["eval_loss"])
@@ -126,6 +178,8 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
         "train_loss_first": steps.losses[0] if steps.losses else float("nan"),
         "train_loss_last": steps.losses[-1] if steps.losses else float("nan"),
         "train_steps": trainer.state.global_step,
+        "resumed_from_step": resume_step,
+        "train_started_at": started_at,
         "train_examples": len(splits["train"]),
         "dataset_fingerprint": fingerprint(splits),
         "test_examples": len(splits["test"]),
@@ -139,13 +193,35 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None) -> 
 
 
 def tune_trainable(config: dict) -> None:
-    """Ray Tune entry point: rebuild the typed config, run, report the result with its files as a checkpoint."""
+    """Ray Tune entry point: rebuild the typed config, run (or resume), report the result as a checkpoint.
+
+    Each Trainer checkpoint is sealed and reported to Tune, which stores it in the trial's directory
+    under the sweep. On start the trial looks there first: a complete final result means it already
+    finished (the driver died before recording it), so it re-reports that result instead of training
+    again; otherwise it resumes from the newest complete training checkpoint.
+    """
     from ray import tune
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = TrialConfig.from_dict(config["trial"])
+    trial_dir = Path(config["tune_dir"]) / cfg.name
+    if (done := checkpoints.final_result(trial_dir)) is not None:
+        metrics = json.loads((done / "metrics.json").read_text())
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(done)))
+        return
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        checkpoints.seal(path, step=step, final=False)
+        tune.report({"checkpoint_step": step}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as tmp:
+        resume_from, resume_step = None, 0
+        if (point := checkpoints.resume_point(trial_dir)) is not None:
+            resume_from = shutil.copytree(point[0], Path(tmp) / "resume")  # Ray may rewrite its copy
+            resume_step = point[1]
         result_dir = Path(tmp) / "result"
-        metrics = run_trial(cfg, result_dir, report=tune.report)
+        metrics = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
+                            on_checkpoint=on_checkpoint)
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result
+        checkpoints.seal(result_dir, step=metrics["train_steps"], final=True)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(result_dir)))

@@ -1,0 +1,56 @@
+"""Which of a trial's checkpoints can be trusted after a crash.
+
+Ray Tune copies every checkpoint a trial reports into ``<sweep>/tune/<trial>/checkpoint_NNNNNN``
+and restores the experiment from a snapshot it writes every few seconds. A process killed at the
+wrong moment can therefore leave a half-copied newest checkpoint, or checkpoints (even a finished
+trial's final result) that the restored snapshot does not know about. Ray has no notion of
+"complete", so each checkpoint we report carries a manifest of its files and their sizes, written
+last, and on start a trial scans its own directory: a final result means "done, do not train
+again"; otherwise the newest complete training checkpoint is where it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MANIFEST = "lora_sweep_complete.json"
+
+
+def seal(directory: Path, *, step: int, final: bool) -> None:
+    """Write the manifest into a fully written checkpoint directory (call it last)."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "final": final, "files": files}))
+    tmp.replace(directory / MANIFEST)
+
+
+def manifest(directory: Path) -> dict | None:
+    """The manifest when every file it lists is present at its recorded size, else None."""
+    try:
+        meta = json.loads((directory / MANIFEST).read_text())
+        complete = all((directory / name).is_file() and (directory / name).stat().st_size == size
+                       for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
+
+
+def _complete(trial_dir: Path) -> list[tuple[Path, dict]]:
+    return [(p, m) for p in sorted(trial_dir.glob("checkpoint_*")) if p.is_dir() and (m := manifest(p))]
+
+
+def final_result(trial_dir: Path) -> Path | None:
+    """A complete final-result checkpoint of this trial, if it ever finished."""
+    return next((p for p, m in _complete(trial_dir) if m["final"]), None)
+
+
+def resume_point(trial_dir: Path) -> tuple[Path, int] | None:
+    """The complete training checkpoint with the highest step; incomplete ones are skipped.
+
+    By step, not by directory name: after a restore from a stale snapshot Ray numbers new
+    checkpoints from where the snapshot left off, so names need not follow steps.
+    """
+    training = [(p, m["step"]) for p, m in _complete(trial_dir) if not m["final"]]
+    return max(training, key=lambda t: t[1], default=None)
