@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
     start_ray(args)
     try:
         check_resources(planned, args.gpus_per_trial)
+        if manifest is not None and args.fresh:  # only now that nothing can refuse the run
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            print(f"moved the previous sweep aside to {aside}", flush=True)
+            manifest = None
         prepare_output(out)
         if manifest is None:
             manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": str(args.space),
@@ -128,15 +133,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def existing_sweep(out: Path, fingerprint: str, args) -> dict | None:
-    """The manifest of the sweep to resume, or None to start one. Only reads, or moves aside on --fresh."""
+    """The manifest of the sweep in ``out`` (to resume, or with --fresh to move aside), or None. Only reads."""
     manifest = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
     if manifest is None and (out / "tune").exists():
         raise UsageError(f"{out} holds a Ray experiment that is not a lora-sweep sweep; pass another --output")
     if manifest is not None and args.fresh:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"moved the previous sweep aside to {aside}", flush=True)
-        return None
+        return manifest
     if manifest is None:
         if args.resume:
             raise UsageError(f"--resume: no sweep to resume in {out}")

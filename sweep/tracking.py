@@ -31,7 +31,12 @@ NOT_METRICS = {"step", "epoch", "timestamp", "time_this_iter_s", "time_total_s",
 
 
 def tracking_uri(flag: str | None) -> str:
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a relative SQLite path is made absolute
+    so that a resume started from another directory finds the same store."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def trial_params(cfg: TrialConfig) -> dict[str, str]:
