@@ -279,10 +279,13 @@ def execute(args, manifest: dict, out: Path, planned) -> int:
 
     outcomes, generations = {}, {}
     for result in grid:
+        if not result.config:  # never started: the sweep was interrupted first (NOT_RUN in the table)
+            continue
         trial = result.config["trial"]["name"]
         ok = result.error is None and "eval_loss" in (result.metrics or {})
-        error = "" if ok else (str(result.error).strip().splitlines() or ["did not finish"])[-1]
-        outcomes[trial] = ("TERMINATED" if ok else "ERROR", {**(result.metrics or {}), "error": error})
+        status = "TERMINATED" if ok else "ERROR" if result.error is not None else "INTERRUPTED"
+        error = str(result.error).strip().splitlines()[-1] if result.error is not None else ""
+        outcomes[trial] = (status, {**(result.metrics or {}), "error": error})
         if ok and result.checkpoint is not None:  # the adapter and generations, where people look for them
             shutil.copytree(result.checkpoint.path, out / "trials" / trial, dirs_exist_ok=True)
             generations[trial] = json.loads((out / "trials" / trial / "generations.json").read_text())
@@ -293,11 +296,13 @@ def execute(args, manifest: dict, out: Path, planned) -> int:
     (out / "samples.md").write_text(samples_markdown(rows, generations, first.max_new_tokens))
     failed = any(r["status"] != "TERMINATED" for r in rows)
     tracker.finish(out, rows, failed)
-    for r in rows:
-        if r["status"] != "TERMINATED":
-            print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
     print("\n" + md + f"\nresults: {out}  (summary.md, samples.md, summary.csv, trials/<id>/adapter)\n"
-          f"compare in MLflow: mlflow ui --backend-store-uri {tracking_uri(args.mlflow_uri)}", flush=True)
+          f"compare in MLflow: mlflow ui --backend-store-uri {manifest['mlflow_uri']}", flush=True)
+    for r in rows:
+        if r["status"] == "ERROR":
+            print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
+    if any(r["status"] in ("INTERRUPTED", "NOT_RUN") for r in rows):
+        print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -112,12 +112,16 @@ class MLflowTracker(Callback):
             self._log_params(self._parent_id, parent_params)
         else:
             self.client.update_run(self._parent_id, status="RUNNING")
-        for run in self._find():
-            if run.info.run_id != self._parent_id and run.info.status == "RUNNING":
-                self.client.set_terminated(run.info.run_id, "KILLED")  # its trial died with the old driver
+        self._close_running_trials()  # their trials died with the old driver
         return self._parent_id
 
+    def _close_running_trials(self) -> None:
+        for run in self._find():
+            if run.info.run_id != self._parent_id and run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
     def finish(self, summary_dir: Path, rows: list[dict], failed: bool) -> None:
+        self._close_running_trials()  # trials an interrupt (Ctrl-C) stopped
         for name in ("summary.md", "summary.csv", "samples.md"):
             self.client.log_artifact(self.parent_id, str(summary_dir / name))
         table = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}

@@ -206,3 +206,29 @@ def test_fresh_moves_the_old_sweep_aside(tmp_path, model_cache):
     (aside,) = tmp_path.glob("out.old-*")
     assert (aside / "summary.csv").read_text() == "old results"
     assert json.loads((out / "sweep.json").read_text())["space_fingerprint"] != "x"
+
+
+def test_ctrl_c_then_resume(tmp_path, model_cache):
+    """Ctrl-C (SIGINT to the foreground process group) mid-training: the driver writes the table with
+    the trial INTERRUPTED, closes its MLflow run as KILLED, says how to resume, and exits 1."""
+    write_space(tmp_path)
+    proc = start(tmp_path, faults={"a": {"mode": "slow", "sleep": 0.4}})
+    start_t = time.monotonic()
+    while not mid_training(tmp_path, "a"):
+        assert proc.poll() is None and time.monotonic() - start_t < 240
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 1
+    log = next(tmp_path.glob("run-*.log")).read_text()
+    assert "sweep interrupted: run the same command again to resume it" in log
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert next(r for r in rows if r.startswith("a,")).split(",")[15] == "INTERRUPTED"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    done = finish(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics(tmp_path, "a")["resumed_from_step"] > 0
+    assert_one_clean_run_per_trial(tmp_path, {"a", "b"})
