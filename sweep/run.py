@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sweep.ledger import LEDGER, MANIFEST, Ledger, read_json, write_json
 from sweep.space import SpaceError, baseline_of, expand, load_space, parse_sets, sweep_fingerprint
-from sweep.tracking import MLflowTracker, tracking_uri
+from sweep.tracking import MLflowTracker, redact, tracking_uri
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_output(out)
         if manifest is None:
             manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": str(args.space),
-                        "space_fingerprint": fingerprint, "mlflow_uri": tracking_uri(args.mlflow_uri),
+                        "space_fingerprint": fingerprint, "mlflow_uri": redact(tracking_uri(args.mlflow_uri)),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_json(out / MANIFEST, manifest)
         return execute(args, manifest, out, planned)
@@ -248,11 +248,14 @@ def execute(args, manifest: dict, out: Path, planned) -> int:
     from trainers.trial import tune_trainable
 
     first, name = planned[0].cfg, manifest["name"]
-    # The manifest's tracking URI wins on resume, so the sweep's runs stay in one store.
-    tracker = MLflowTracker(manifest["mlflow_uri"], experiment=name, sweep_id=manifest["sweep_id"])
+    # The manifest's tracking store wins on resume, so the sweep's runs stay in one place; the live URI
+    # is used when it names that store, since only it carries any credentials.
+    uri = tracking_uri(args.mlflow_uri)
+    tracker = MLflowTracker(uri if redact(uri) == manifest["mlflow_uri"] else manifest["mlflow_uri"],
+                            experiment=name, sweep_id=manifest["sweep_id"])
     tracker.start({
         "space_file": str(args.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
-        "sets": " ".join(args.set), "output": str(out), "metric": args.metric,
+        "sets": " ".join(k + "=" + redact(v) for k, _, v in (x.partition("=") for x in args.set)), "output": str(out), "metric": args.metric,
         "generation": f"greedy, max_new_tokens={first.max_new_tokens}",
     })
     trainable = tune.with_resources(tune_trainable, trial_resources(args.gpus_per_trial))

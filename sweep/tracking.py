@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
 
@@ -37,6 +38,16 @@ def tracking_uri(flag: str | None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password, for logs and the manifest (MLflow also takes credentials from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which never reach a file)."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def trial_params(cfg: TrialConfig) -> dict[str, str]:
