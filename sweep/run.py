@@ -255,7 +255,8 @@ def execute(args, manifest: dict, out: Path, planned) -> int:
                             experiment=name, sweep_id=manifest["sweep_id"])
     tracker.start({
         "space_file": str(args.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
-        "sets": " ".join(k + "=" + redact(v) for k, _, v in (x.partition("=") for x in args.set)), "output": str(out), "metric": args.metric,
+        "sets": " ".join(k + "=" + redact(v) for k, _, v in (x.partition("=") for x in args.set)),
+        "output": str(out), "metric": args.metric,
         "generation": f"greedy, max_new_tokens={first.max_new_tokens}",
     })
     trainable = tune.with_resources(tune_trainable, trial_resources(args.gpus_per_trial))

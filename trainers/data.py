@@ -61,12 +61,11 @@ def load_rows(source: str):
             ds = datasets.load_dataset(source, split="train")
     except DataError:
         raise
-    except ValueError as e:
-        if "corresponds to no data" not in str(e):  # datasets' words for a file with no rows
-            raise DataError(f"cannot load dataset '{source}': {str(e).splitlines()[0]}") from None
-        raise DataError(f"dataset '{source}' is empty") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the first line
-        raise DataError(f"cannot load dataset '{source}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "corresponds to no data" in first:  # datasets' words for a file with no rows
+            raise DataError(f"dataset '{source}' is empty") from None
+        raise DataError(f"cannot load dataset '{source}': {first}") from None
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"dataset '{source}' lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
