@@ -22,19 +22,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sweep.run import quiet_libraries
-from sweep.space import TrialConfig
-
-
-class UsageError(Exception):
-    """Bad input; the message is one line for the user."""
+from sweep.cli import UserError, exit_code
+from trainers.config import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, TrialConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sweep.export", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", metavar="DIR", help="a finished sweep directory (has summary.csv and trials/)")
     p.add_argument("--trial", default="best",
-                   help="trial id, or 'best': the finished trial with the lowest eval_loss (default)")
+                   help="trial id, or 'best': the trial summary.csv marks best (by the sweep's --metric; default)")
     p.add_argument("--merge", action="store_true",
                    help="merge the adapter into the unquantized base and save a plain model")
     p.add_argument("--out", help="output directory (default DIR/export/<trial_id>[-merged])")
@@ -42,13 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    quiet_libraries()
     args = parse_args(argv)
-    try:
-        return export(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: export(args.sweep_dir, args.trial, args.merge, args.out))
 
 
 def _float(x) -> float | None:
@@ -61,15 +52,15 @@ def _float(x) -> float | None:
 def read_sweep(sweep: Path) -> dict[str, dict]:
     """summary.csv rows by trial id, plus any trial directory the table lacks (a sweep cut short)."""
     if not sweep.exists():
-        raise UsageError(f"sweep directory not found: {sweep}")
+        raise UserError(f"sweep directory not found: {sweep}")
     if not sweep.is_dir() or not ((sweep / "summary.csv").is_file() or (sweep / "trials").is_dir()):
-        raise UsageError(f"{sweep} is not a sweep directory (no summary.csv or trials/)")
+        raise UserError(f"{sweep} is not a sweep directory (no summary.csv or trials/)")
     rows: dict[str, dict] = {}
     if (sweep / "summary.csv").is_file():
         with open(sweep / "summary.csv", newline="") as f:
             reader = csv.DictReader(f)
             if "trial_id" not in (reader.fieldnames or []):
-                raise UsageError(f"{sweep / 'summary.csv'} has no trial_id column: not a sweep summary")
+                raise UserError(f"{sweep / 'summary.csv'} has no trial_id column: not a sweep summary")
             rows = {r["trial_id"]: r for r in reader}
     if (sweep / "trials").is_dir():
         for d in sorted((sweep / "trials").iterdir()):
@@ -79,32 +70,32 @@ def read_sweep(sweep: Path) -> dict[str, dict]:
 
 
 def pick_trial(rows: dict[str, dict], wanted: str) -> str:
+    """``best`` is the trial the sweep's table starred (summary.csv's ``best`` column): one rule for both."""
     if wanted == "best":
-        done = [(_float(r.get("eval_loss")), tid) for tid, r in rows.items()
-                if tid != "base" and r.get("status") == "TERMINATED" and _float(r.get("eval_loss")) is not None]
-        if not done:
-            raise UsageError("summary.csv has no finished trial (status TERMINATED, with an eval_loss) to export")
-        return min(done)[1]
+        best = [tid for tid, r in rows.items() if r.get("best") == "true"]
+        if not best:
+            raise UserError("summary.csv marks no best trial (no trial finished with a finite eval_loss) to export")
+        return best[0]
     if wanted not in rows:
-        raise UsageError(f"unknown trial '{wanted}' (known: {', '.join(rows) or 'none'})")
+        raise UserError(f"unknown trial '{wanted}' (known: {', '.join(rows) or 'none'})")
     return wanted
 
 
 def check_trial(sweep: Path, tid: str, row: dict) -> tuple[TrialConfig, Path]:
     if tid == "base":
-        raise UsageError("trial 'base' is the baseline without an adapter: there is nothing to export")
+        raise UserError("trial 'base' is the baseline without an adapter: there is nothing to export")
     tdir = sweep / "trials" / tid
-    adapter = tdir / "adapter"
+    adapter = tdir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"trial '{tid}' has no adapter (status {row.get('status') or '?'}): "
+        raise UserError(f"trial '{tid}' has no adapter (status {row.get('status') or '?'}): "
                          "only finished trials can be exported")
     try:
-        cfg = TrialConfig.from_dict(json.loads((tdir / "config.json").read_text()))
+        cfg = TrialConfig.from_dict(json.loads((tdir / CONFIG_FILE).read_text()))
     except FileNotFoundError:
-        raise UsageError(f"trial '{tid}' has no config.json (written by trials since export exists); "
+        raise UserError(f"trial '{tid}' has no config.json (written by trials since export exists); "
                          "re-run the trial to export it") from None
     except (ValueError, TypeError) as e:
-        raise UsageError(f"{tdir / 'config.json'}: not a trial config ({e})") from None
+        raise UserError(f"{tdir / CONFIG_FILE}: not a trial config ({e})") from None
     return cfg, adapter
 
 
@@ -113,83 +104,98 @@ def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # Writing into an old export could leave adapter files next to a merged model, and
         # from_pretrained would then load it as a PEFT model.
-        raise UsageError(f"--out {out} already exists and is not empty; remove it or choose another path")
+        raise UserError(f"--out {out} already exists and is not empty; remove it or choose another path")
     parent = out
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"cannot write to {out}: {parent} is not a directory")
+        raise UserError(f"cannot write to {out}: {parent} is not a directory")
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise UsageError(f"cannot write to {out}: {e.strerror or e}") from None
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
 
 
-def export(args: argparse.Namespace) -> int:
-    sweep = Path(args.sweep_dir)
+class MergeCheckFailed(Exception):
+    """The merged model's loss disagrees with the adapter's: nothing is written, exit 1."""
+
+
+def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | None = None) -> int:
+    sweep = Path(sweep_dir)
     rows = read_sweep(sweep)
-    tid = pick_trial(rows, args.trial)
+    tid = pick_trial(rows, trial)
     cfg, adapter = check_trial(sweep, tid, rows[tid])
-    out = Path(args.out) if args.out else sweep / "export" / (tid + ("-merged" if args.merge else ""))
-    check_out(out)
-    metrics_file = sweep / "trials" / tid / "metrics.json"
+    target = Path(out) if out else sweep / "export" / (tid + ("-merged" if merge else ""))
+    check_out(target)
+    metrics_file = sweep / "trials" / tid / METRICS_FILE
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    trial_loss = _float(metrics.get("eval_loss"))
 
-    import datasets
     import torch  # heavy imports only once the input is known to be good
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trial '{tid}' was trained with device=cuda but no CUDA GPU is visible here")
+    if trial == "best":
+        print(f"best trial: {tid} (eval_loss {_float(rows[tid].get('eval_loss')):.6f})", flush=True)
+    try:
+        model, tokenizer, info = measure(cfg, tid, adapter, merge, metrics)
+    except MergeCheckFailed as e:
+        print(f"error: MERGE CHECK FAILED for trial '{tid}': {e}; nothing written", file=sys.stderr)
+        return 1
+    write(target, model, tokenizer, info)
+    print_summary(info)
+    return 0
+
+
+def measure(cfg: TrialConfig, tid: str, adapter: Path, merge: bool, metrics: dict):
+    """The adapter back on its base (and merged, with ``merge``), its held-out loss re-measured."""
+    import datasets
     import transformers
 
     from trainers import merge as M
     from trainers.data import DataError, fingerprint
-    from trainers.models import ModelError
+    from trainers.models import ModelError, compute_dtype
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"trial '{tid}' was trained with device=cuda but no CUDA GPU is visible here")
-    if args.trial == "best":
-        print(f"best trial: {tid} (eval_loss {_float(rows[tid].get('eval_loss')):.6f})", flush=True)
     datasets.disable_progress_bars()  # per-eval tokenizing bars would bury the summary
     transformers.utils.logging.disable_progress_bar()
-    dtype = M.compute_dtype(cfg)
-    info = {"trial_id": tid, "base_model": cfg.model, "bits": cfg.bits, "merged": args.merge,
-            "device": cfg.device, "eval_loss_trial": trial_loss}
+    dtype, trial_loss = compute_dtype(cfg), _float(metrics.get("eval_loss"))
+    info = {"trial_id": tid, "base_model": cfg.model, "bits": cfg.bits, "merged": merge, "device": cfg.device,
+            "eval_loss_trial": trial_loss}
     try:
         splits = M.rebuild_splits(cfg)
         info["dataset_fingerprint"] = fingerprint(splits)
         if metrics.get("dataset_fingerprint") not in (None, info["dataset_fingerprint"]):
             print(f"warning: the rebuilt test split differs from trial '{tid}'s (has {cfg.dataset} changed?); "
                   "its eval_loss is not comparable with the ones measured here", file=sys.stderr)
-        model, tokenizer = M.load_adapted(cfg, adapter, quantized=not args.merge)
+        model, tokenizer = M.load_adapted(cfg, adapter, quantized=not merge)
         adapter_loss = M.eval_loss(cfg, model, tokenizer, splits)
         info.update(eval_loss_adapter=adapter_loss, test_examples=len(splits["test"]),
-                    adapter_eval_base=str(dtype).removeprefix("torch.") if args.merge else f"{cfg.bits}-bit")
-        if args.merge:
+                    adapter_eval_base=str(dtype).removeprefix("torch.") if merge else f"{cfg.bits}-bit")
+        if merge:
             model = M.merge(model)
             merged_loss = M.eval_loss(cfg, model, tokenizer, splits)
             gap, tol = M.relative_gap(merged_loss, adapter_loss), M.MERGE_TOLERANCE[dtype]
             info.update(eval_loss_merged=merged_loss, merge_rel_diff=gap, merge_tolerance=tol,
                         dtype=str(dtype).removeprefix("torch."))
             if gap > tol:
-                print(f"error: MERGE CHECK FAILED for trial '{tid}': merged eval loss {merged_loss:.6f} vs adapter "
-                      f"{adapter_loss:.6f} (relative diff {gap:.2e} > tolerance {tol:.0e}); nothing written",
-                      file=sys.stderr)
-                return 1
+                raise MergeCheckFailed(f"merged eval loss {merged_loss:.6f} vs adapter {adapter_loss:.6f} "
+                                       f"(relative diff {gap:.2e} > tolerance {tol:.0e})")
     except (ModelError, DataError) as e:
-        raise UsageError(str(e)) from None
+        raise UserError(str(e)) from None
     final = info.get("eval_loss_merged", adapter_loss)
     info["diff_vs_trial"] = None if trial_loss is None else final - trial_loss
+    return model, tokenizer, info
 
+
+def write(out: Path, model, tokenizer, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
+    if info["merged"]:
         model.save_pretrained(out)
     else:  # lm_head's base weights are frozen: only its LoRA factors belong in the adapter
         model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     info["out"] = str(out.resolve())
     (out / "export.json").write_text(json.dumps(info, indent=1))
-    print_summary(info)
-    return 0
 
 
 def print_summary(info: dict) -> None:

@@ -8,8 +8,8 @@ A space file is plain Python that assigns ``space = Space(...)``::
         trials=[Trial(r=8, targets="attention", bits=4), *grid(r=[8, 16], targets=["all_linear"], bits=[4, 8])],
     )
 
-``expand`` turns it into a list of frozen ``TrialConfig``: the one object that crosses from the
-driver to a trial. Every problem is reported as ``file: trial N (name): field 'x': what is wrong``.
+``expand`` turns it into a list of frozen ``TrialConfig`` (``trainers/config.py``): the one object
+that crosses from the driver to a trial. Every problem is reported as ``file: trial N (name): field 'x': what is wrong``.
 """
 
 from __future__ import annotations
@@ -17,56 +17,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import runpy
 import traceback
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Sequence
 
-TARGET_PRESETS = ("attention", "all_linear")
-BITS = (4, 8, 16)
-Targets = Union[str, tuple[str, ...]]
+from sweep.cli import UserError
+from trainers.config import Settings, Targets, TrialConfig
+
+__all__ = ["Settings", "Space", "SpaceError", "Trial", "TrialConfig", "grid", "load_space", "parse_sets", "expand",
+           "sweep_fingerprint", "baseline_of"]
 
 
-class SpaceError(Exception):
+class SpaceError(UserError):
     """Bad search-space input. The message is one line, ready for the user; the CLI exits 2."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """Values shared by every trial of a sweep; a Trial may override any of them."""
-
-    model: str
-    """Hub id, local checkpoint directory, or ``random:<bundled config>`` (seeded random weights)."""
-    dataset: str
-    """Hub dataset id, a local .jsonl/.csv/.parquet file, or ``bundled:products-400``."""
-    device: Literal["cuda", "cpu"] = "cuda"
-    """``cuda``: each trial gets its own GPU(s) through Ray. ``cpu``: trials request CPUs only."""
-    lora_alpha: float = 8
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
-    epochs: float = 3
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_seq_length: int = 256
-    train_samples: int = 5000
-    """Rows sampled (with ``seed``) from the dataset before the train/test split."""
-    test_fraction: float = 0.1
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    max_new_tokens: int = 128
-    """Generation length for the quality prompts (the post used 128)."""
-    heldout_prompts: int = 3
-    """Test-split rows generated for, besides the post's two prompts, to score ROUGE-L."""
-    cpus_per_trial: int = 1
-    checkpoint_every: int = 50
-    """Optimizer steps between trial checkpoints (adapter, optimizer, scheduler, RNG, step): an
-    interrupted trial resumes from its latest one instead of step 0."""
-    trust_remote_code: bool = False
-    """Off unless a space turns it on: remote code runs with the trial's permissions."""
 
 
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
@@ -100,82 +66,6 @@ class Space:
     name: str
     settings: Settings
     trials: Sequence[Trial]
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrialConfig(Settings):
-    """Everything one trial needs, fully resolved. Built by ``expand``; read by ``trainers``."""
-
-    name: str
-    index: int
-    r: int
-    targets: Targets
-    bits: int
-    target_modules: tuple[str, ...] = ()
-    """Module names the preset resolved to on this model; filled in by the driver's plan step."""
-    baseline: bool = False
-    """The base model before fine-tuning: evaluated and generated for exactly like a trial, never trained."""
-
-    def problems(self) -> list[tuple[str, str]]:
-        """(field, message) for every invalid value; empty when the config is valid."""
-        out = []
-
-        def check(name, ok, msg):
-            if not ok:
-                out.append((name, f"{msg}, got {getattr(self, name)!r}"))
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        check("r", is_int(self.r) and self.r > 0, "must be a positive integer")
-        check("bits", self.bits in BITS and is_int(self.bits), "must be one of 4, 8, 16")
-        if isinstance(self.targets, str):
-            check("targets", self.targets in TARGET_PRESETS,
-                  "must be a preset (attention, all_linear) or a list of module names")
-        else:
-            check("targets", len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets),
-                  "must be a non-empty list of module names")
-        check("model", isinstance(self.model, str) and self.model.strip() != "", "must be a non-empty string")
-        check("dataset", isinstance(self.dataset, str) and self.dataset.strip() != "", "must be a non-empty string")
-        check("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'")
-        check("lora_alpha", is_num(self.lora_alpha) and self.lora_alpha > 0, "must be a positive number")
-        check("lora_dropout", is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
-        check("learning_rate", is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
-        check("epochs", is_num(self.epochs) and self.epochs > 0, "must be a positive number")
-        check("test_fraction", is_num(self.test_fraction) and 0 < self.test_fraction < 1, "must be in (0, 1)")
-        for name in ("batch_size", "grad_accum", "logging_steps", "max_new_tokens", "cpus_per_trial",
-                     "checkpoint_every"):
-            check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "must be an integer >= 1")
-        check("max_seq_length", is_int(self.max_seq_length) and self.max_seq_length >= 16, "must be an integer >= 16")
-        check("train_samples", is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
-        check("heldout_prompts", is_int(self.heldout_prompts) and self.heldout_prompts >= 0, "must be an integer >= 0")
-        check("seed", is_int(self.seed), "must be an integer")
-        for name in ("gradient_checkpointing", "trust_remote_code"):
-            check(name, isinstance(getattr(self, name), bool), "must be true or false")
-        return out
-
-    @property
-    def targets_label(self) -> str:
-        return self.targets if isinstance(self.targets, str) else ",".join(self.targets)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identity of this trial across restarts: ledger key and MLflow tag."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrialConfig":
-        d = dict(d)
-        for key in ("targets", "target_modules"):
-            if isinstance(d.get(key), list):
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 TRIAL_FIELDS = {f.name: f for f in fields(TrialConfig)}

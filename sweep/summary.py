@@ -15,53 +15,59 @@ The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
+from sweep import sweepdir
 from sweep.plan import PlannedTrial
+from sweep.sweepdir import TrialOutcome
+from trainers.config import GENERATIONS_JSON
 
 CSV_COLUMNS = [
     "trial_id", "r", "target_modules", "bits", "trainable_params", "total_params", "trainable_pct", "eval_loss",
     "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
-    "peak_gpu_mem_gb", "status", "device", "gpu_uuid", "error",
+    "peak_gpu_mem_gb", "status", "quality", "best", "device", "gpu_uuid", "error",
 ]
 # --metric choices: which way is better for each
 METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
 HIGH_GAP, MEDIUM_GAP, LOOP_RATE, SHORT_WORDS = 0.02, 0.10, 0.5, 5
+# Measures shown as they are named in TrialResult, and those whose column is named differently.
+MEASURES = ("eval_loss", "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "gen_mean_words",
+            "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
+RENAMED = {"tokens_per_second": "train_tokens_per_second", "device": "device_name"}
 
 
-def build_rows(planned: list[PlannedTrial], outcomes: dict[str, tuple[str, dict]],
-               metric: str = "eval_loss") -> list[dict]:
-    """One row per planned trial; ``outcomes`` maps trial name -> (status, final metrics)."""
+def _measures(res) -> dict:
+    if res is None:
+        return {**dict.fromkeys(MEASURES), **dict.fromkeys(RENAMED), "device": "", "gpu_uuid": ""}
+    return {**{m: getattr(res, m) for m in MEASURES}, **{col: getattr(res, f) for col, f in RENAMED.items()}}
+
+
+def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], metric: str = "eval_loss") -> list[dict]:
+    """One row per planned trial, in plan order; a trial without an outcome never ran (NOT_RUN)."""
     rows = []
     for p in planned:
-        status, m = outcomes.get(p.cfg.name, ("NOT_RUN", {}))
+        o = outcomes.get(p.cfg.name, TrialOutcome(sweepdir.NOT_RUN))
+        res = o.result
+        trainable = res.trainable_params if res else p.trainable_params
+        total = res.total_params if res else p.total_params
         rows.append({
-            "trial_id": p.cfg.name,
-            "r": p.cfg.r,
-            "target_modules": " ".join(p.cfg.target_modules),
-            "targets": p.cfg.targets_label,
-            "bits": p.cfg.bits,
-            "trainable_params": m.get("trainable_params", p.trainable_params),
-            "total_params": m.get("total_params", p.total_params),
-            "trainable_pct": m.get("trainable_pct", 100.0 * p.trainable_params / p.total_params),
-            "eval_loss": m.get("eval_loss"),
-            "perplexity": m.get("perplexity"),
-            "rouge_l": m.get("rouge_l"),
-            "repeat_ngram_rate": m.get("repeat_ngram_rate"),
-            "end_marker_rate": m.get("end_marker_rate"),
-            "gen_mean_words": m.get("gen_mean_words"),
-            "train_seconds": m.get("train_seconds"),
-            "tokens_per_second": m.get("train_tokens_per_second"),
-            "peak_gpu_mem_gb": m.get("peak_gpu_mem_gb"),
-            "status": status,
-            "device": m.get("device_name", ""),
-            "gpu_uuid": m.get("gpu_uuid", ""),
-            "error": m.get("error", ""),
-            "baseline": p.cfg.baseline,
+            "trial_id": p.cfg.name, "r": p.cfg.r, "target_modules": " ".join(p.cfg.target_modules),
+            "targets": p.cfg.targets_label, "bits": p.cfg.bits, "trainable_params": trainable, "total_params": total,
+            "trainable_pct": res.trainable_pct if res else 100.0 * trainable / total,
+            **_measures(res), "status": o.status, "error": o.error, "baseline": p.cfg.baseline,
         })
     _add_quality(rows, metric)
     return rows
+
+
+def pick_best(rows: list[dict], metric: str) -> dict | None:
+    """The one rule for "best": the finished trial (never the base row) best by ``metric``. The table
+    marks it and summary.csv records it, so export ships the trial the table starred."""
+    ranked = [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED
+              and _finite(r["eval_loss"]) and _finite(r[metric])]
+    return METRICS[metric](ranked, key=lambda r: r[metric]) if ranked else None
 
 
 def _finite(x) -> bool:
@@ -69,11 +75,10 @@ def _finite(x) -> bool:
 
 
 def _add_quality(rows: list[dict], metric: str) -> None:
-    base = next((r for r in rows if r["baseline"] and r["status"] == "TERMINATED"), None)
-    done = [r for r in rows if not r["baseline"] and r["status"] == "TERMINATED" and _finite(r["eval_loss"])]
+    base = next((r for r in rows if r["baseline"] and r["status"] == sweepdir.TERMINATED), None)
+    done = [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
     best_loss = min((r["eval_loss"] for r in done), default=None)
-    ranked = [r for r in done if _finite(r[metric])]
-    best = METRICS[metric](ranked, key=lambda r: r[metric]) if ranked else None
+    best = pick_best(rows, metric)
     for r in rows:
         r["best"] = r is best
         r["vs_base"] = r["eval_loss"] - base["eval_loss"] if base and r is not base and _finite(r["eval_loss"]) else None
@@ -94,7 +99,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "best": "true" if r["best"] else "false"} for r in rows)
 
 
 def _fmt(x, spec: str) -> str:
@@ -119,7 +124,7 @@ def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
             _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != "TERMINATED" and r.get("error")]
+    errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != sweepdir.TERMINATED and r["error"]]
     if errors:
         lines += ["", "Errors:", *errors]
     lines += ["", f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
@@ -158,3 +163,24 @@ def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_n
             text = gen["generation"].replace("\n", "\n> ") or "(empty)"
             lines += [f"**{r['trial_id']}** ({who}){end}", "", "> " + text, ""]
     return "\n".join(lines)
+
+
+def load_generations(out: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """Each finished trial's generations, from the result files collected into DIR/trials/."""
+    found = {}
+    for r in rows:
+        path = out / sweepdir.TRIALS_DIR / r["trial_id"] / GENERATIONS_JSON
+        if r["status"] == sweepdir.TERMINATED and path.is_file():
+            found[r["trial_id"]] = json.loads(path.read_text())
+    return found
+
+
+def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], *, title: str,
+                  metric: str, max_new_tokens: int) -> tuple[list[dict], str]:
+    """summary.csv, summary.md and samples.md in the sweep directory; returns the rows and the markdown."""
+    rows = build_rows(planned, outcomes, metric)
+    write_csv(rows, out / "summary.csv")
+    md = to_markdown(rows, title, metric)
+    (out / "summary.md").write_text(md)
+    (out / "samples.md").write_text(samples_markdown(rows, load_generations(out, rows), max_new_tokens))
+    return rows, md

@@ -1,34 +1,31 @@
 """MLflow tracking: one experiment per sweep, one parent run, one nested child run per trial.
 
-All writes happen here, in the driver, from Ray Tune's callback hooks (which run on the driver's
-single Tune loop thread): one writer, so several trials finishing at once never collide on a
-SQLite store. Ray's own MLflowLoggerCallback logs each trial as a flat, unparented run with its raw
-config dict as params, and opens a new run for a trial after every restart; we need nesting under
+All writes happen in the driver, from Ray Tune's callback hooks (``sweep/callbacks.py``), which run on
+the driver's single Tune loop thread: one writer, so several trials finishing at once never collide
+on a SQLite store. Ray's own MLflowLoggerCallback logs each trial as a flat, unparented run with its
+raw config dict as params, and opens a new run for a trial after every restart; we need nesting under
 the sweep's parent run, the resolved module names as params, the adapter and generations from the
 trial's checkpoint as artifacts, and exactly one child run per trial however often the sweep is
-interrupted, hence this callback. It keeps no state that matters: the parent is found by the
-sweep's id and each child by its trial fingerprint (MLflow tags), so the copy Ray pickles into
-its experiment state and restores on resume behaves exactly like a fresh one.
+interrupted, hence this class. It keeps no state that matters: the parent is found by the sweep's id
+and each child by its trial fingerprint (MLflow tags), so the copy Ray pickles into its experiment
+state and restores on resume behaves exactly like a fresh one. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from ray.tune import Callback
-
-from sweep.space import TrialConfig
+from trainers.config import ADAPTER_DIR, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE, StepReport, TrialConfig, \
+    TrialResult
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "lora_sweep.sweep_id", "lora_sweep.trial_fp", "lora_sweep.role"
+ERROR_TAG = "lora_sweep.error"
 TRIAL_PARAMS = ("r", "bits", "lora_alpha", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
                 "model", "dataset", "max_seq_length", "train_samples", "seed", "device", "max_new_tokens")
 STEP_METRICS = ("loss", "learning_rate")
-NOT_METRICS = {"step", "epoch", "timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
-               "time_since_restore", "iterations_since_restore", "checkpoint_step", "train_started_at"}
 
 
 def tracking_uri(flag: str | None) -> str:
@@ -58,13 +55,13 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     return params
 
 
-class MLflowTracker(Callback):
+class MLflowTracker:
     def __init__(self, uri: str, experiment: str, sweep_id: str):
         self.uri, self.experiment, self.sweep_id = uri, experiment, sweep_id
         self._client = self._experiment_id = self._parent_id = None
         self._runs: dict[str, str] = {}  # trial fingerprint -> child run id (a cache of MLflow's answer)
 
-    def __getstate__(self):  # Ray pickles callbacks into its experiment state
+    def __getstate__(self):  # Ray pickles the callback holding this into its experiment state
         return {"uri": self.uri, "experiment": self.experiment, "sweep_id": self.sweep_id}
 
     def __setstate__(self, state):
@@ -92,20 +89,21 @@ class MLflowTracker(Callback):
             self._parent_id = found[0].info.run_id if found else None
         return self._parent_id
 
-    def _child(self, cfg: TrialConfig, ray_trial_id: str = "") -> str:
-        fp = cfg.fingerprint
+    def _child(self, param: dict, ray_trial_id: str = "") -> str:
+        """The child run of the trial whose Tune param-space entry is ``param``; created on first sight."""
+        fp = param["fingerprint"]
         if fp not in self._runs:
             found = self._find(**{TRIAL_TAG: fp})
             if found:
                 self._runs[fp] = found[0].info.run_id
             else:
-                run = self.client.create_run(self._experiment_id, run_name=cfg.name, tags={
+                run = self.client.create_run(self._experiment_id, run_name=param["name"], tags={
                     PARENT_TAG: self.parent_id, SWEEP_TAG: self.sweep_id, TRIAL_TAG: fp,
-                    ROLE_TAG: "baseline" if cfg.baseline else "trial", "lora_sweep.trial": cfg.name,
+                    ROLE_TAG: "baseline" if param["baseline"] else "trial", "lora_sweep.trial": param["name"],
                     "lora_sweep.ray_trial_id": ray_trial_id,
                 })
                 self._runs[fp] = run.info.run_id
-                self._log_params(run.info.run_id, trial_params(cfg))
+                self._log_params(run.info.run_id, trial_params(TrialConfig.from_param(param)))
         return self._runs[fp]
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
@@ -139,56 +137,36 @@ class MLflowTracker(Callback):
         self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
-    # ---- Tune hooks -------------------------------------------------------------------------------
-    def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._child(TrialConfig.from_dict(trial.config["trial"]), trial.trial_id)
-        self.client.update_run(run_id, status="RUNNING")
+    # ---- one trial's life (called by sweep.callbacks.TrialEvents) ---------------------------------
+    def trial_started(self, param: dict, ray_trial_id: str) -> None:
+        self.client.update_run(self._child(param, ray_trial_id), status="RUNNING")
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "eval_loss" in result or "step" not in result:
-            return
+    def trial_step(self, param: dict, step: StepReport, timestamp: float) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._child(TrialConfig.from_dict(trial.config["trial"]))
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [Metric(k, float(result[k]), ts, int(result["step"])) for k in STEP_METRICS if k in result]
-        self.client.log_batch(run_id, metrics=metrics)
+        metrics = [Metric(k, float(getattr(step, k)), int(timestamp * 1000), step.step) for k in STEP_METRICS]
+        self.client.log_batch(self._child(param), metrics=metrics)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def trial_finished(self, param: dict, result: TrialResult | None, result_dir: Path | None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        run_id = self._child(TrialConfig.from_dict(trial.config["trial"]))
-        result = trial.last_result or {}
-        numeric = {k: float(v) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-                   and k not in STEP_METRICS and k not in NOT_METRICS}
-        tags = [RunTag(f"lora_sweep.{k}", str(result[k])) for k in ("device_name", "gpu_uuid", "bnb_layer_type")
-                if k in result]
-        logged = self.client.get_run(run_id).data.params
-        params = [Param("dataset_fingerprint", str(result["dataset_fingerprint"]))] \
-            if "dataset_fingerprint" in result and "dataset_fingerprint" not in logged else []
-        self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numeric.items()], tags=tags,
-                              params=params)
-        if trial.checkpoint is not None:
-            root = Path(trial.checkpoint.path)
-            for name in ("generations.md", "generations.json", "metrics.json"):
-                if (root / name).is_file():
-                    self.client.log_artifact(run_id, str(root / name))
-            if (root / "adapter").is_dir():
-                self.client.log_artifacts(run_id, str(root / "adapter"), artifact_path="adapter")
+        run_id = self._child(param)
+        if result is not None:
+            tags = [RunTag(f"lora_sweep.{k}", str(getattr(result, k))) for k in TrialResult.names("tag")]
+            logged = self.client.get_run(run_id).data.params
+            params = [Param(k, str(getattr(result, k))) for k in TrialResult.names("param") if k not in logged]
+            metrics = [Metric(k, v, 0, 0) for k, v in result.mlflow_metrics().items()]
+            self.client.log_batch(run_id, metrics=metrics, tags=tags, params=params)
+        if result_dir is not None:
+            for name in (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE):
+                if (result_dir / name).is_file():
+                    self.client.log_artifact(run_id, str(result_dir / name))
+            if (result_dir / ADAPTER_DIR).is_dir():
+                self.client.log_artifacts(run_id, str(result_dir / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
         self.client.set_terminated(run_id, "FINISHED")
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._child(TrialConfig.from_dict(trial.config["trial"]))
-        error = error_line(trial.error_file)
+    def trial_failed(self, param: dict, error: str) -> None:
+        run_id = self._child(param)
         if error:
-            self.client.set_tag(run_id, "lora_sweep.error", error[:5000])
+            self.client.set_tag(run_id, ERROR_TAG, error[:5000])
         self.client.set_terminated(run_id, "FAILED")
-
-
-def error_line(error_file: str | None) -> str:
-    """The last line of a trial's traceback (``RuntimeError: ...``): what went wrong, in one line."""
-    if not error_file or not Path(error_file).is_file():
-        return ""
-    lines = [ln.strip() for ln in Path(error_file).read_text().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""

@@ -39,3 +39,31 @@ def write_space(path: Path, settings: str = "", trials: str = 'Trial(r=8, target
         ")\n"
     )
     return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` and its hash: equal digests mean nothing was touched."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    """summary.csv rows by trial_id, each a dict by column name."""
+    import csv
+
+    with open(path, newline="") as f:
+        return {row["trial_id"]: row for row in csv.DictReader(f)}
+
+
+def make_result(**values):
+    """A TrialResult with plausible values for a finished CPU trial; tests override what they check."""
+    from trainers.config import TrialResult
+
+    defaults = dict(trainable_params=100, total_params=1000, trainable_pct=10.0, eval_loss=2.0, perplexity=7.39,
+                    rouge_l=0.2, repeat_ngram_rate=0.1, end_marker_rate=0.5, gen_mean_words=40.0, train_seconds=1.0,
+                    train_tokens_per_second=100.0, peak_gpu_mem_gb=0.0, train_loss_first=3.0, train_loss_last=2.0,
+                    train_steps=10, train_examples=90, test_examples=10, bnb_layers=0, dataset_fingerprint="0" * 16,
+                    bnb_layer_type="none", device_name="cpu", gpu_uuid="", resumed_from_step=0, train_started_at=0.0)
+    return TrialResult(**{**defaults, **values})

@@ -4,7 +4,7 @@ Ray Tune copies every checkpoint a trial reports into ``<sweep>/tune/<trial>/che
 and restores the experiment from a snapshot it writes every few seconds. A process killed at the
 wrong moment can therefore leave a half-copied newest checkpoint, or checkpoints (even a finished
 trial's final result) that the restored snapshot does not know about. Ray has no notion of
-"complete", so each checkpoint we report carries a manifest of its files and their sizes, written
+"complete", so each checkpoint we report carries a seal: a list of its files and their sizes, written
 last, and on start a trial scans its own directory: a final result means "done, do not train
 again"; otherwise the newest complete training checkpoint is where it resumes.
 """
@@ -14,22 +14,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MANIFEST = "lora_sweep_complete.json"
+SEAL = "lora_sweep_complete.json"
 
 
 def seal(directory: Path, *, step: int, final: bool) -> None:
-    """Write the manifest into a fully written checkpoint directory (call it last)."""
+    """Write the seal into a fully written checkpoint directory (call it last)."""
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    tmp = directory / (MANIFEST + ".tmp")
+             if p.is_file() and p.name != SEAL}
+    tmp = directory / (SEAL + ".tmp")
     tmp.write_text(json.dumps({"step": step, "final": final, "files": files}))
-    tmp.replace(directory / MANIFEST)
+    tmp.replace(directory / SEAL)
 
 
-def manifest(directory: Path) -> dict | None:
-    """The manifest when every file it lists is present at its recorded size, else None."""
+def read_seal(directory: Path) -> dict | None:
+    """The seal when every file it lists is present at its recorded size, else None."""
     try:
-        meta = json.loads((directory / MANIFEST).read_text())
+        meta = json.loads((directory / SEAL).read_text())
         complete = all((directory / name).is_file() and (directory / name).stat().st_size == size
                        for name, size in meta["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
@@ -38,7 +38,7 @@ def manifest(directory: Path) -> dict | None:
 
 
 def _complete(trial_dir: Path) -> list[tuple[Path, dict]]:
-    return [(p, m) for p in sorted(trial_dir.glob("checkpoint_*")) if p.is_dir() and (m := manifest(p))]
+    return [(p, m) for p in sorted(trial_dir.glob("checkpoint_*")) if p.is_dir() and (m := read_seal(p))]
 
 
 def final_result(trial_dir: Path) -> Path | None:

@@ -13,7 +13,7 @@ from peft import PeftModel, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PrinterCallback
 
-from sweep.space import TrialConfig
+from trainers.config import TrialConfig, is_quantized
 from trainers.data import build_splits
 from trainers.models import checkpoint_path, load_base, load_tokenizer
 from trainers.sft import make_trainer
@@ -29,11 +29,6 @@ from trainers.sft import make_trainer
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
-def compute_dtype(cfg: TrialConfig) -> torch.dtype:
-    """The dtype load_base computes in for this device (and the one a merged model is stored in)."""
-    return torch.bfloat16 if cfg.device == "cuda" else torch.float32
-
-
 def load_adapted(cfg: TrialConfig, adapter_dir, quantized: bool) -> tuple[PeftModel, object]:
     """The trial's base with its adapter attached (not merged) and the trial's tokenizer.
 
@@ -43,7 +38,7 @@ def load_adapted(cfg: TrialConfig, adapter_dir, quantized: bool) -> tuple[PeftMo
     """
     base_cfg = cfg if quantized else dataclasses.replace(cfg, bits=16)
     base = load_base(base_cfg, checkpoint_path(cfg))
-    if base_cfg.bits in (4, 8):
+    if is_quantized(base_cfg.bits):
         # As the trial did: on GPU this upcasts the unquantized layers (embeddings, norms, lm_head) from bf16 to fp32,
         # which the trial's eval_loss was measured with. A no-op on CPU, where everything is fp32 already.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

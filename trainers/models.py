@@ -21,6 +21,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from trainers.config import compute_dtype_name
+
 ASSETS = Path(__file__).parent / "assets" / "models"
 # Hub ids whose config we bundle, so --dry-run and validation work with no network.
 BUNDLED_HUB_CONFIGS = {"openlm-research/open_llama_3b_v2": "open_llama_3b_v2"}
@@ -145,14 +147,6 @@ def lora_config(cfg):
     )
 
 
-def count_lora_params(config: PretrainedConfig, cfg) -> tuple[int, int]:
-    """(trainable, total) parameters of ``cfg``'s adapter on a meta-device copy of the model."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(meta_model(config), lora_config(cfg))
-    return peft_model.get_nb_trainable_parameters()
-
-
 # ---- loading for a trial (needs weights) ---------------------------------------------------------
 
 def cache_root() -> Path:
@@ -213,6 +207,11 @@ def checkpoint_path(cfg) -> str:
     return cfg.model
 
 
+def compute_dtype(cfg) -> torch.dtype:
+    """The dtype a trial computes in on its device (and a merged model is stored in)."""
+    return getattr(torch, compute_dtype_name(cfg.device))
+
+
 def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if bits == 4:  # QLoRA: NF4 with double quantization, as in the post and the QLoRA paper
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -224,13 +223,12 @@ def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesCo
 
 def load_base(cfg, path: str) -> torch.nn.Module:
     """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES)."""
-    cuda = cfg.device == "cuda"
-    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = compute_dtype(cfg)
     return AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=quantization_config(cfg.bits, compute_dtype),
-        dtype=compute_dtype,
-        device_map={"": 0} if cuda else {"": "cpu"},
+        quantization_config=quantization_config(cfg.bits, dtype),
+        dtype=dtype,
+        device_map={"": 0} if cfg.device == "cuda" else {"": "cpu"},
         trust_remote_code=cfg.trust_remote_code,
     )
 

@@ -11,9 +11,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,14 +21,15 @@ import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import PrinterCallback, TrainerCallback
 
-from sweep.space import TrialConfig
-from trainers import checkpoints
+from trainers import checkpoints, faults
+from trainers.config import (ADAPTER_DIR, CONFIG_FILE, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE,
+                             CheckpointReport, StepReport, TrialConfig, TrialResult, is_quantized)
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, quality_prompts
 from trainers.models import checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer
 
-Report = Callable[[dict], None]
+Report = Callable[[dict], None]  # tune.report, or a test's list.append
 
 
 class CheckpointReporter(TrainerCallback):
@@ -41,35 +42,6 @@ class CheckpointReporter(TrainerCallback):
         self.on_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
 
-class FaultInjector(TrainerCallback):
-    """Test hook, off unless LORA_SWEEP_FAULTS is set (JSON: trial name -> {step, mode, marker?, sleep?}).
-
-    mode ``raise`` raises at ``step``; ``kill`` SIGKILLs this worker process at ``step``; ``slow``
-    sleeps ``sleep`` seconds every step (so a test can interrupt mid-training). With ``marker``, the
-    fault fires only while that file does not exist, and creates it: once, as Ray Tune's own fault
-    tests do.
-    """
-
-    def __init__(self, spec: dict):
-        self.spec = spec
-
-    def on_step_end(self, args, state, control, **kwargs):
-        s = self.spec
-        if s["mode"] == "slow":
-            time.sleep(s.get("sleep", 0.2))
-            return
-        if state.global_step != s["step"]:
-            return
-        marker = s.get("marker")
-        if marker:
-            if os.path.exists(marker):
-                return
-            Path(marker).write_text(str(os.getpid()))
-        if s["mode"] == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at step {state.global_step}")
-
-
 class StepReporter(TrainerCallback):
     """Forwards every logged training step (loss, learning rate) to the driver."""
 
@@ -80,8 +52,8 @@ class StepReporter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
-            self.report({"loss": float(logs["loss"]), "learning_rate": float(logs.get("learning_rate", 0.0)),
-                         "step": state.global_step, "epoch": float(state.epoch or 0.0)})
+            self.report(StepReport(step=state.global_step, epoch=float(state.epoch or 0.0), loss=float(logs["loss"]),
+                                   learning_rate=float(logs.get("learning_rate", 0.0))).to_report())
 
 
 def quantized_layers(model) -> dict[str, int]:
@@ -101,14 +73,84 @@ def device_info(cuda: bool) -> dict:
     return {"device_name": props.name, "gpu_uuid": str(props.uuid)}
 
 
+@dataclass
+class Setup:
+    """What steps 1-3 build: the data, the tokenizer, the base with its (untrained) LoRA adapter."""
+
+    splits: object
+    tokenizer: object
+    model: torch.nn.Module
+    bnb: dict[str, int]
+    trainable: int
+    total: int
+
+
+@dataclass
+class Training:
+    trainer: object
+    started_at: float
+    seconds: float
+    tokens: float
+    losses: list[float]
+
+
+def setup(cfg: TrialConfig) -> Setup:
+    """1. data -> 2. base model in 4, 8 or 16 bits -> 3. LoRA."""
+    splits = build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
+    path = checkpoint_path(cfg)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    model = load_base(cfg, path)
+    bnb = quantized_layers(model)
+    if is_quantized(cfg.bits):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # The baseline gets an adapter too: PEFT starts every lora_B at zero, so the untrained adapter is exactly
+    # the base model, and its eval loss and generations come from the very same code as a trial's.
+    # Seeded here, not only at the start: building a random: base (done by whichever trial gets there
+    # first) draws from the same generator, and the LoRA A factors must not depend on that race.
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lora_config(cfg))
+    trainable, total = model.get_nb_trainable_parameters()
+    if cfg.baseline:
+        trainable, total = 0, total - trainable
+    return Setup(splits, tokenizer, model, bnb, trainable, total)
+
+
+def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from: Path | None, resume_step: int,
+          on_checkpoint: Callable[[Path, int], None] | None) -> Training:
+    """4. train (the baseline only builds the trainer, which evaluation reuses)."""
+    steps = StepReporter(report)
+    callbacks = [steps] + ([CheckpointReporter(on_checkpoint)] if on_checkpoint else []) + faults.injectors(cfg.name)
+    trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
+                           checkpoints=on_checkpoint is not None)
+    trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started_at, start = time.time(), time.perf_counter()
+    if not cfg.baseline:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    done = (trainer.state.global_step - resume_step) / max(trainer.state.max_steps, 1)  # share this process ran
+    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs * done
+    return Training(trainer, started_at, seconds, tokens, steps.losses)
+
+
+def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> None:
+    """6. the adapter (megabytes; the base stays where it came from) and the generations."""
+    if not cfg.baseline:
+        # save_embedding_layers=False: lm_head's base weights are frozen, only its LoRA factors belong here
+        s.model.save_pretrained(out_dir / ADAPTER_DIR, save_embedding_layers=False)
+        s.tokenizer.save_pretrained(out_dir / ADAPTER_DIR)
+    (out_dir / GENERATIONS_JSON).write_text(json.dumps(generations, indent=1, ensure_ascii=False))
+    (out_dir / GENERATIONS_MD).write_text(format_generations(generations))
+
+
 def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
-              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None) -> TrialResult:
     """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir.
 
     ``resume_from`` is a Trainer checkpoint (of ``resume_step``) to continue from; ``on_checkpoint``
     receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps.
     """
-    report = report or (lambda metrics: None)
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise RuntimeError("trial asks for device=cuda but no CUDA GPU is visible to it")
@@ -116,80 +158,29 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
         torch.set_num_threads(cfg.cpus_per_trial)
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # what export needs to rebuild it
+    (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))  # what export needs to rebuild it
 
-    # 1. data
-    splits = build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
-
-    # 2. base model in 4, 8 or 16 bits
-    path = checkpoint_path(cfg)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    model = load_base(cfg, path)
-    bnb = quantized_layers(model)
-    if cfg.bits in (4, 8):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-
-    # 3. LoRA. The baseline gets one too: PEFT starts every lora_B at zero, so the untrained adapter is
-    # exactly the base model, and its eval loss and generations come from the very same code as a trial's.
-    model = get_peft_model(model, lora_config(cfg))
-    trainable, total = model.get_nb_trainable_parameters()
-    if cfg.baseline:
-        trainable, total = 0, total - trainable
-
-    # 4. train
-    steps = StepReporter(report)
-    callbacks = [steps] + ([CheckpointReporter(on_checkpoint)] if on_checkpoint else [])
-    if (fault := json.loads(os.environ.get("LORA_SWEEP_FAULTS", "{}")).get(cfg.name)):
-        callbacks.append(FaultInjector(fault))
-    trainer = make_trainer(cfg, model, tokenizer, splits, str(out_dir / "hf"), callbacks=callbacks,
-                           checkpoints=on_checkpoint is not None)
-    trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    started_at, start = time.time(), time.perf_counter()
-    if not cfg.baseline:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - start
-    total_steps = max(trainer.state.max_steps, 1)
-    done = (trainer.state.global_step - resume_step) / total_steps  # share of the training this process ran
-    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs * done
-
+    s = setup(cfg)
+    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint)
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
-    eval_loss = float(trainer.evaluate()["eval_loss"])
-    results = generate(model, tokenizer, quality_prompts(splits["test"], cfg.heldout_prompts), cfg.max_new_tokens)
-
-    # 6. save the adapter (megabytes; the base stays where it came from)
-    if not cfg.baseline:
-        # save_embedding_layers=False: lm_head's base weights are frozen, only its LoRA factors belong here
-        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
-        tokenizer.save_pretrained(out_dir / "adapter")
-    (out_dir / "generations.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    (out_dir / "generations.md").write_text(format_generations(results))
-
-    metrics = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_pct": 100.0 * trainable / total,
-        "eval_loss": eval_loss,
-        "perplexity": math.exp(min(eval_loss, 50.0)),
-        "train_seconds": train_seconds,
-        "train_tokens_per_second": tokens / train_seconds if tokens else 0.0,
-        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "train_loss_first": steps.losses[0] if steps.losses else float("nan"),
-        "train_loss_last": steps.losses[-1] if steps.losses else float("nan"),
-        "train_steps": trainer.state.global_step,
-        "resumed_from_step": resume_step,
-        "train_started_at": started_at,
-        "train_examples": len(splits["train"]),
-        "dataset_fingerprint": fingerprint(splits),
-        "test_examples": len(splits["test"]),
-        "bnb_layers": sum(bnb.values()),
-        "bnb_layer_type": ",".join(sorted(bnb)) or "none",
-        **device_info(cuda),
-        **generation_metrics(results),
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    eval_loss = float(t.trainer.evaluate()["eval_loss"])
+    generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
+                           cfg.max_new_tokens)
+    save(cfg, s, out_dir, generations)
+    result = TrialResult(
+        trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
+        eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0)),
+        train_seconds=t.seconds, train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
+        peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        train_loss_first=t.losses[0] if t.losses else float("nan"),
+        train_loss_last=t.losses[-1] if t.losses else float("nan"),
+        train_steps=t.trainer.state.global_step, resumed_from_step=resume_step, train_started_at=t.started_at,
+        train_examples=len(s.splits["train"]), dataset_fingerprint=fingerprint(s.splits),
+        test_examples=len(s.splits["test"]), bnb_layers=sum(s.bnb.values()),
+        bnb_layer_type=",".join(sorted(s.bnb)) or "none", **device_info(cuda), **generation_metrics(generations),
+    )
+    (out_dir / METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=1))
+    return result
 
 
 def tune_trainable(config: dict) -> None:
@@ -203,16 +194,16 @@ def tune_trainable(config: dict) -> None:
     from ray import tune
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = TrialConfig.from_dict(config["trial"])
+    cfg = TrialConfig.from_param(config["trial"])
     trial_dir = Path(config["tune_dir"]) / cfg.name
     if (done := checkpoints.final_result(trial_dir)) is not None:
-        metrics = json.loads((done / "metrics.json").read_text())
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(done)))
+        result = TrialResult.from_dict(json.loads((done / METRICS_FILE).read_text()))
+        tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(done)))
         return
 
     def on_checkpoint(path: Path, step: int) -> None:
         checkpoints.seal(path, step=step, final=False)
-        tune.report({"checkpoint_step": step}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+        tune.report(CheckpointReport(step).to_report(), checkpoint=tune.Checkpoint.from_directory(str(path)))
 
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as tmp:
         resume_from, resume_step = None, 0
@@ -220,8 +211,8 @@ def tune_trainable(config: dict) -> None:
             resume_from = shutil.copytree(point[0], Path(tmp) / "resume")  # Ray may rewrite its copy
             resume_step = point[1]
         result_dir = Path(tmp) / "result"
-        metrics = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
-                            on_checkpoint=on_checkpoint)
+        result = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
+                           on_checkpoint=on_checkpoint)
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result
-        checkpoints.seal(result_dir, step=metrics["train_steps"], final=True)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(result_dir)))
+        checkpoints.seal(result_dir, step=result.train_steps, final=True)
+        tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(result_dir)))

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from sweep.run import main
-from tests.conftest import write_space
-from tests.sweep.test_faults import tree_digest
+from tests.conftest import tree_digest, write_space
 
 T = 'Trial(r=8, targets="attention", bits=4)'
 

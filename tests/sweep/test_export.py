@@ -1,7 +1,6 @@
 """sweep.export on a real (tiny) sweep: adapters and merged models from 4/8/16-bit trials, losses re-checked."""
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -16,11 +15,16 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from sweep.export import main
-from sweep.space import TrialConfig
-from tests.conftest import REPO
+from sweep.plan import PlannedTrial
+from sweep.summary import build_rows, write_csv
+from sweep.sweepdir import ERROR, TERMINATED, TrialOutcome
+from trainers.config import TrialConfig
+from tests.conftest import REPO, make_result
 from trainers import merge as M
 from trainers.models import checkpoint_path, load_base, load_config, load_tokenizer, meta_model, resolve_targets
 from trainers.trial import run_trial
+
+pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
 
 BITS = (4, 8, 16)
 # Hand-written table losses: the 8-bit trial is best; 'base' and the failed row are lower still and
@@ -40,11 +44,12 @@ def sweep(tmp_path_factory, model_cache):
         run_trial(cfg, d / "trials" / cfg.name)
     (d / "trials" / "base").mkdir()  # a real baseline dir: results but no adapter
     (d / "trials" / "base" / "metrics.json").write_text(json.dumps({"eval_loss": TABLE["base"]}))
-    with open(d / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial_id", "eval_loss", "status"])
-        for tid, loss in TABLE.items():
-            w.writerow([tid, "" if tid == "r4-crashed" else loss, "ERROR" if tid == "r4-crashed" else "TERMINATED"])
+    # The table as the sweep writes it (same rule for its "best" column), with hand-set losses.
+    planned = [PlannedTrial(TrialConfig(name=tid, index=i, model="m", dataset="d", r=4, targets="all_linear", bits=4,
+                                        baseline=tid == "base"), 100, 1000) for i, tid in enumerate(TABLE)]
+    outcomes = {tid: TrialOutcome(ERROR) if tid == "r4-crashed" else TrialOutcome(TERMINATED, make_result(eval_loss=loss))
+                for tid, loss in TABLE.items()}
+    write_csv(build_rows(planned, outcomes), d / "summary.csv")
     return d
 
 
@@ -163,7 +168,7 @@ def test_missing_or_non_sweep_dir_exits_2(tmp_path):
     assert rc == 2 and "is not a sweep directory" in stderr
     (tmp_path / "summary.csv").write_text("trial_id,eval_loss,status\nbase,1.0,TERMINATED\nx,,ERROR\n")
     rc, _, stderr = run_main(tmp_path)
-    assert rc == 2 and "summary.csv has no finished trial" in stderr
+    assert rc == 2 and "summary.csv marks no best trial" in stderr
 
 
 def test_module_entry_point(sweep, model_cache):

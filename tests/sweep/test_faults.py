@@ -1,17 +1,20 @@
 """Faults with real processes: the driver SIGKILLed mid-sweep and resumed, trials that raise or are
 killed, a half-written checkpoint, an edited space file. Every wait is bounded."""
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, read_csv, tree_digest
 from trainers.checkpoints import final_result, resume_point
+
+pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
 
 SPACE = """\
 from sweep import Settings, Space, Trial
@@ -70,11 +73,6 @@ def finish(work: Path, faults: dict | None = None, timeout: float = 300) -> subp
 
 def metrics(work: Path, trial: str) -> dict:
     return json.loads((work / "out" / "trials" / trial / "metrics.json").read_text())
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_one_clean_run_per_trial(work: Path, trials: set[str]) -> None:
@@ -181,9 +179,8 @@ def test_trials_that_raise_or_are_killed(tmp_path, model_cache):
     for name in ("a", "c"):
         m = metrics(tmp_path, name)
         assert (m["resumed_from_step"], m["train_steps"]) == (6, STEPS), name
-    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    b_row = next(line for line in summary if line.startswith("b,"))
-    assert ",ERROR," in b_row and b_row.endswith("RuntimeError: injected fault at step 6")
+    b_row = read_csv(tmp_path / "out" / "summary.csv")["b"]
+    assert (b_row["status"], b_row["error"]) == ("ERROR", "RuntimeError: injected fault at step 6")
     assert "trial b failed: RuntimeError: injected fault at step 6" in done.stderr
     from mlflow import MlflowClient
 
@@ -221,8 +218,7 @@ def test_ctrl_c_then_resume(tmp_path, model_cache):
     assert proc.wait(timeout=120) == 1
     log = next(tmp_path.glob("run-*.log")).read_text()
     assert "sweep interrupted: run the same command again to resume it" in log
-    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    assert next(r for r in rows if r.startswith("a,")).split(",")[15] == "INTERRUPTED"
+    assert read_csv(tmp_path / "out" / "summary.csv")["a"]["status"] == "INTERRUPTED"
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from sweep.summary import CSV_COLUMNS
 from tests.conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
+
 # Exact LoRA sizes on tiny-llama (hidden 64, intermediate 128, vocab 1,024, 2 layers):
 #   attention r=8:  2 layers x (q, v) x 8 x (64 + 64)                                  = 4,096
 #   all_linear r=8: 2 x [4 x 8 x 128 + 2 x 8 x (64 + 128) + 8 x (128 + 64)] + 8 x (64 + 1024) = 26,112

@@ -103,6 +103,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main([str(path), "--set", "nope=1"]) == 2
 
 
+@pytest.mark.slow
 def test_cpu_space_that_needs_gpu_is_refused_not_left_pending(tmp_path):
     """A CUDA space on a cluster without GPUs exits 2 with the reason (the real CLI, real Ray)."""
     path = write_space(tmp_path / "gpu.py")
@@ -122,6 +123,7 @@ def test_existing_sweep_directory_is_never_overwritten(tmp_path):
     assert (out / "summary.csv").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_dry_run_of_paper_grid_prints_the_posts_exact_counts():
     proc = run_cli(REPO / "search_spaces" / "paper_grid.py", "--dry-run", cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

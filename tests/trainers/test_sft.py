@@ -4,7 +4,7 @@ import pytest
 from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
-from sweep.space import TrialConfig
+from trainers.config import TrialConfig
 from trainers.data import build_splits
 from trainers.models import load_base, load_config, load_tokenizer, lora_config, materialize_random, meta_model, resolve_targets
 from trainers.sft import LogitsLossSFTTrainer, make_trainer

@@ -1,0 +1,254 @@
+"""The contract between the driver and one trial: what crosses in (``TrialConfig``), what comes back
+(``StepReport``, ``CheckpointReport``, ``TrialResult``) and the files a trial leaves behind.
+
+This module is the bottom of the project: ``sweep/`` and ``trainers/`` import it, it imports nothing
+of ours (and neither torch nor Ray), so validation and ``--dry-run`` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
+
+TARGET_PRESETS = ("attention", "all_linear")
+BITS = (4, 8, 16)
+Targets = Union[str, tuple[str, ...]]
+
+# What a trial leaves in its result directory (reported to Ray Tune as its final checkpoint).
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+GENERATIONS_JSON = "generations.json"
+GENERATIONS_MD = "generations.md"
+CONFIG_FILE = "config.json"
+RESULT_FILES = (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE, CONFIG_FILE)
+
+
+def is_quantized(bits: int) -> bool:
+    """4 and 8 bits mean a bitsandbytes-quantized frozen base; 16 means the plain one."""
+    return bits in (4, 8)
+
+
+def compute_dtype_name(device: str) -> str:
+    """bf16 on CUDA (the post's A100 and our H200s), fp32 on the CPU, where bf16 matmuls are slow."""
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Values shared by every trial of a sweep; a Trial may override any of them."""
+
+    model: str
+    """Hub id, local checkpoint directory, or ``random:<bundled config>`` (seeded random weights)."""
+    dataset: str
+    """Hub dataset id, a local .jsonl/.csv/.parquet file, or ``bundled:products-400``."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """``cuda``: each trial gets its own GPU(s) through Ray. ``cpu``: trials request CPUs only."""
+    lora_alpha: float = 8
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: float = 3
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_length: int = 256
+    train_samples: int = 5000
+    """Rows sampled (with ``seed``) from the dataset before the train/test split."""
+    test_fraction: float = 0.1
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    max_new_tokens: int = 128
+    """Generation length for the quality prompts (the post used 128)."""
+    heldout_prompts: int = 3
+    """Test-split rows generated for, besides the post's two prompts, to score ROUGE-L."""
+    cpus_per_trial: int = 1
+    checkpoint_every: int = 50
+    """Optimizer steps between trial checkpoints (adapter, optimizer, scheduler, RNG, step): an
+    interrupted trial resumes from its latest one instead of step 0."""
+    trust_remote_code: bool = False
+    """Off unless a space turns it on: remote code runs with the trial's permissions."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig(Settings):
+    """Everything one trial needs, fully resolved. Built by the driver; read by ``trainers``."""
+
+    name: str
+    index: int
+    r: int
+    targets: Targets
+    bits: int
+    target_modules: tuple[str, ...] = ()
+    """Module names the preset resolved to on this model; filled in by the driver's plan step."""
+    baseline: bool = False
+    """The base model before fine-tuning: evaluated and generated for exactly like a trial, never trained."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every invalid value; empty when the config is valid."""
+        out = []
+
+        def check(name, ok, msg):
+            if not ok:
+                out.append((name, f"{msg}, got {getattr(self, name)!r}"))
+
+        check("r", _is_int(self.r) and self.r > 0, "must be a positive integer")
+        check("bits", self.bits in BITS and _is_int(self.bits), "must be one of 4, 8, 16")
+        if isinstance(self.targets, str):
+            check("targets", self.targets in TARGET_PRESETS,
+                  "must be a preset (attention, all_linear) or a list of module names")
+        else:
+            check("targets", len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets),
+                  "must be a non-empty list of module names")
+        check("model", isinstance(self.model, str) and self.model.strip() != "", "must be a non-empty string")
+        check("dataset", isinstance(self.dataset, str) and self.dataset.strip() != "", "must be a non-empty string")
+        check("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'")
+        check("lora_alpha", _is_num(self.lora_alpha) and self.lora_alpha > 0, "must be a positive number")
+        check("lora_dropout", _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        check("learning_rate", _is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
+        check("epochs", _is_num(self.epochs) and self.epochs > 0, "must be a positive number")
+        check("test_fraction", _is_num(self.test_fraction) and 0 < self.test_fraction < 1, "must be in (0, 1)")
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_new_tokens", "cpus_per_trial",
+                     "checkpoint_every"):
+            check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "must be an integer >= 1")
+        check("max_seq_length", _is_int(self.max_seq_length) and self.max_seq_length >= 16, "must be an integer >= 16")
+        check("train_samples", _is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
+        check("heldout_prompts", _is_int(self.heldout_prompts) and self.heldout_prompts >= 0, "must be an integer >= 0")
+        check("seed", _is_int(self.seed), "must be an integer")
+        for name in ("gradient_checkpointing", "trust_remote_code"):
+            check(name, isinstance(getattr(self, name), bool), "must be true or false")
+        return out
+
+    @property
+    def targets_label(self) -> str:
+        return self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this trial across restarts: ledger key and MLflow tag."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialConfig":
+        d = dict(d)
+        for key in ("targets", "target_modules"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_param(self) -> dict:
+        """The trial's entry in Ray Tune's param space: the config and, precomputed, what identifies it."""
+        return {"config": self.to_dict(), "name": self.name, "fingerprint": self.fingerprint,
+                "baseline": self.baseline}
+
+    @classmethod
+    def from_param(cls, param: dict) -> "TrialConfig":
+        return cls.from_dict(param["config"])
+
+
+# ---- what a trial reports -------------------------------------------------------------------------
+
+REPORT_KIND = "report"
+"""Key in every dict a trial hands ``tune.report``: which of the report types below it is."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A logged training step: the driver streams these to MLflow as step metrics."""
+
+    KIND = "step"
+    step: int
+    epoch: float
+    loss: float
+    learning_rate: float
+
+    def to_report(self) -> dict:
+        return {REPORT_KIND: self.KIND, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_report(cls, d: dict) -> "StepReport":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """A training checkpoint (adapter, optimizer, scheduler, RNG) handed to Tune so the trial can resume."""
+
+    KIND = "checkpoint"
+    step: int
+
+    def to_report(self) -> dict:
+        return {REPORT_KIND: self.KIND, "checkpoint_step": self.step}
+
+
+def _tracked(mlflow: str | None):
+    """How MLflow records a TrialResult field: ``metric``, ``tag``, ``param``, or not at all (None)."""
+    return field(metadata={"mlflow": mlflow})
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A finished trial's measures: the one place metric names live (metrics.json, MLflow, the table)."""
+
+    KIND = "final"
+    trainable_params: int = _tracked("metric")
+    total_params: int = _tracked("metric")
+    trainable_pct: float = _tracked("metric")
+    eval_loss: float = _tracked("metric")
+    perplexity: float = _tracked("metric")
+    rouge_l: float = _tracked("metric")
+    repeat_ngram_rate: float = _tracked("metric")
+    end_marker_rate: float = _tracked("metric")
+    gen_mean_words: float = _tracked("metric")
+    train_seconds: float = _tracked("metric")
+    train_tokens_per_second: float = _tracked("metric")
+    peak_gpu_mem_gb: float = _tracked("metric")
+    train_loss_first: float = _tracked("metric")
+    train_loss_last: float = _tracked("metric")
+    train_steps: int = _tracked("metric")
+    train_examples: int = _tracked("metric")
+    test_examples: int = _tracked("metric")
+    bnb_layers: int = _tracked("metric")
+    dataset_fingerprint: str = _tracked("param")
+    bnb_layer_type: str = _tracked("tag")
+    device_name: str = _tracked("tag")
+    gpu_uuid: str = _tracked("tag")
+    resumed_from_step: int = _tracked("metric")
+    train_started_at: float = _tracked(None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_report(self) -> dict:
+        return {REPORT_KIND: self.KIND, **self.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialResult":
+        """From metrics.json or a Tune result (whose own keys, such as ``time_total_s``, are ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    @classmethod
+    def names(cls, mlflow: str | None) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata.get("mlflow") == mlflow]
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The numeric measures MLflow can store (it rejects NaN and inf from a trial that never logged)."""
+        values = {n: float(getattr(self, n)) for n in self.names("metric")}
+        return {n: v for n, v in values.items() if math.isfinite(v)}
+
+
+def report_kind(result: dict[str, Any]) -> str | None:
+    return result.get(REPORT_KIND)

@@ -1,0 +1,46 @@
+"""Fault injection for the fault tests: off unless LORA_SWEEP_FAULTS is set.
+
+LORA_SWEEP_FAULTS is JSON: trial name -> {step, mode, marker?, sleep?}. Mode ``raise`` raises at
+``step``; ``kill`` SIGKILLs this worker process at ``step``; ``slow`` sleeps ``sleep`` seconds every
+step (so a test can interrupt mid-training). With ``marker``, the fault fires only while that file
+does not exist, and creates it: once, as Ray Tune's own fault tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+ENV = "LORA_SWEEP_FAULTS"
+
+
+class FaultInjector(TrainerCallback):
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def on_step_end(self, args, state, control, **kwargs):
+        s = self.spec
+        if s["mode"] == "slow":
+            time.sleep(s.get("sleep", 0.2))
+            return
+        if state.global_step != s["step"]:
+            return
+        marker = s.get("marker")
+        if marker:
+            if os.path.exists(marker):
+                return
+            Path(marker).write_text(str(os.getpid()))
+        if s["mode"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at step {state.global_step}")
+
+
+def injectors(trial_name: str) -> list[TrainerCallback]:
+    """The fault planned for this trial, if a test asked for one."""
+    spec = json.loads(os.environ.get(ENV, "{}")).get(trial_name)
+    return [FaultInjector(spec)] if spec else []
