@@ -44,7 +44,8 @@ def plan_sweep(opts: SweepOptions, *, for_training: bool):
     planned = plan(expand(space, opts.space, parse_sets(opts.sets)), opts.space, for_training=for_training)
     if opts.baseline:
         first = planned[0]
-        planned.insert(0, PlannedTrial(baseline_of(first.cfg), 0, first.total_params - first.trainable_params))
+        planned.insert(0, PlannedTrial(baseline_of(first.cfg), 0, first.total_params - first.trainable_params,
+                                       first.gpu_gb))
     return opts.name or space.name, planned
 
 

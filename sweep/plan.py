@@ -17,6 +17,37 @@ class PlannedTrial:
     cfg: TrialConfig
     trainable_params: int
     total_params: int
+    gpu_gb: float = 0.0
+    """Estimated peak GPU memory of the trial (``estimate_gpu_gb``); 0 for CPU trials."""
+
+
+# Bytes autograd keeps per token, per layer, per hidden unit, for the backward pass of a decoder block
+# (the residual stream in fp32 after prepare_model_for_kbit_training, matmul outputs in bf16 under
+# autocast), without and with gradient checkpointing. Calibrated on an H200 (README, "GPU memory").
+ACTIVATION_BYTES = {False: 60.0, True: 8.0}
+EVAL_TOKENS = 16384  # trainers.evaluate.EVAL_BATCH_TOKENS["cuda"]
+
+
+def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
+    """Peak memory PyTorch allocates for this trial on a GPU (what ``peak_gpu_mem_gb`` reports), from the
+    architecture on the meta device: frozen base in its bits, adapter with AdamW state, the activations
+    of the largest micro-batch, its logits, or the evaluation batch's logits, whichever is larger."""
+    import torch
+
+    conf = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head" and "lora_" not in n)
+    other = sum(p.numel() for p in model.parameters()) - linear - trainable  # embeddings, norms, lm_head
+    weight_bytes = {4: 0.5 + 1 / 64, 8: 1.0 + 4 / conf.hidden_size, 16: 2.0}[cfg.bits]
+    base = linear * weight_bytes + other * (4.0 if cfg.bits in (4, 8) else 2.0)  # kbit prep upcasts to fp32
+    adapter = trainable * (4 + 4 + 8)  # weights, gradients, AdamW moments (fp32)
+    per_step = cfg.batch_size * cfg.grad_accum if cfg.trainer == "fast" else cfg.batch_size
+    tokens = per_step * cfg.max_seq_length
+    acts = tokens * conf.num_hidden_layers * conf.hidden_size * ACTIVATION_BYTES[cfg.gradient_checkpointing]
+    logits = tokens * conf.vocab_size * (2 + 4 + 4)  # bf16 logits, their fp32 copy for the loss, its gradient
+    work = 0.0 if cfg.baseline else acts + logits
+    evaluation = EVAL_TOKENS * conf.vocab_size * (2 + 4)
+    return (base + adapter + max(work, evaluation)) / 2**30
 
 
 def _absolute(value: str) -> str:
@@ -57,6 +88,8 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True) -
             cfg = replace(cfg, target_modules=resolve_targets(model, cfg.targets))
         except ModelError as e:
             fail(cfg, "targets", e)
-        trainable, total = get_peft_model(model, lora_config(cfg)).get_nb_trainable_parameters()
-        out.append(PlannedTrial(cfg, trainable, total))
+        peft_model = get_peft_model(model, lora_config(cfg))
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        gpu_gb = estimate_gpu_gb(cfg, peft_model, trainable) if cfg.device == "cuda" else 0.0
+        out.append(PlannedTrial(cfg, trainable, total, gpu_gb))
     return out

@@ -134,15 +134,18 @@ def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
 
 
 def dry_run_table(planned: list[PlannedTrial]) -> str:
-    head = ["trial", "r", "targets", "modules", "bits", "trainable params", "total params", "trainable %"]
+    head = ["trial", "r", "targets", "modules", "bits", "trainable params", "total params", "trainable %",
+            "est. GPU GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in planned:
         c = p.cfg
+        gpu = f"{p.gpu_gb:.1f}" if c.device == "cuda" else "-"
         if c.baseline:
-            lines.append(f"| {c.name} | - | (no adapter) | - | {c.bits} | 0 | {p.total_params:,} | 0 |")
+            lines.append(f"| {c.name} | - | (no adapter) | - | {c.bits} | 0 | {p.total_params:,} | 0 | {gpu} |")
             continue
         lines.append(f"| {c.name} | {c.r} | {c.targets_label} | {', '.join(c.target_modules)} | {c.bits} | "
-                     f"{p.trainable_params:,} | {p.total_params:,} | {100 * p.trainable_params / p.total_params:.4f} |")
+                     f"{p.trainable_params:,} | {p.total_params:,} | {100 * p.trainable_params / p.total_params:.4f} | "
+                     f"{gpu} |")
     return "\n".join(lines) + "\n"
 
 

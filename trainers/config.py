@@ -70,6 +70,12 @@ class Settings:
     interrupted trial resumes from its latest one instead of step 0."""
     trust_remote_code: bool = False
     """Off unless a space turns it on: remote code runs with the trial's permissions."""
+    trainer: Literal["fast", "reference"] = "fast"
+    """``fast``: each optimizer step's ``batch_size x grad_accum`` examples in one padding-free micro-batch.
+    ``reference``: TRL's default path (padded micro-batches of ``batch_size``, accumulated). Same examples,
+    order, schedule and loss normalization either way; ``reference`` re-checks the fast path's fidelity."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: train the full ``epochs``); for quick checks and benchmarks."""
 
 
 def _is_int(v) -> bool:
@@ -113,6 +119,8 @@ class TrialConfig(Settings):
         check("model", isinstance(self.model, str) and self.model.strip() != "", "must be a non-empty string")
         check("dataset", isinstance(self.dataset, str) and self.dataset.strip() != "", "must be a non-empty string")
         check("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'")
+        check("trainer", self.trainer in ("fast", "reference"), "must be 'fast' or 'reference'")
+        check("max_steps", _is_int(self.max_steps) and self.max_steps >= 0, "must be an integer >= 0")
         check("lora_alpha", _is_num(self.lora_alpha) and self.lora_alpha > 0, "must be a positive number")
         check("lora_dropout", _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
         check("learning_rate", _is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
@@ -213,7 +221,12 @@ class TrialResult:
     repeat_ngram_rate: float = _tracked("metric")
     end_marker_rate: float = _tracked("metric")
     gen_mean_words: float = _tracked("metric")
+    setup_seconds: float = _tracked("metric")
     train_seconds: float = _tracked("metric")
+    eval_seconds: float = _tracked("metric")
+    generate_seconds: float = _tracked("metric")
+    train_tokens: int = _tracked("metric")
+    """Real (unpadded) tokens this process trained on; with train_seconds, an honest tokens/s."""
     train_tokens_per_second: float = _tracked("metric")
     peak_gpu_mem_gb: float = _tracked("metric")
     train_loss_first: float = _tracked("metric")

@@ -1,11 +1,67 @@
-"""Evaluation beyond eval loss: generate for the post's prompts and held-out rows, and measure the
+"""Evaluation: the held-out loss, and generations for the post's prompts and held-out rows with the
 failure modes the post names (repetition loops, very short answers, no proper ending)."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from trainers.data import END_MARKER, POST_PROMPTS, prompt
+
+EVAL_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}  # tokens per evaluation forward pass (padding included)
+
+
+@dataclass(frozen=True)
+class HeldoutLoss:
+    """Summed next-token cross-entropy and target-token count of each held-out example."""
+
+    sums: list[float]
+    counts: list[int]
+
+    @property
+    def mean(self) -> float:
+        """Mean loss per target token over the whole split: independent of how examples are batched
+        (transformers' Trainer.evaluate averages per-batch means, which moves with the batch size)."""
+        return sum(self.sums) / max(sum(self.counts), 1)
+
+
+@torch.no_grad()
+def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str) -> HeldoutLoss:
+    """Teacher-forced loss of every example (as tokenized for training), in length-sorted padded batches.
+
+    Sorting keeps padding small and changes nothing: each example's loss is computed on its own and
+    summed. On CUDA it runs under bf16 autocast, as the Trainer trains and evaluates.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    sums, counts = [0.0] * len(input_ids), [0] * len(input_ids)
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(input_ids[order[end]]) <= EVAL_BATCH_TOKENS[device]:
+            end += 1
+        batch = [input_ids[i] for i in order[start:end]]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        with cast:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+        per_row = token_loss.view(len(batch), -1).sum(1).tolist()
+        for row, i in enumerate(order[start:end]):
+            sums[i], counts[i] = per_row[row], len(input_ids[i]) - 1
+        start = end
+    model.train(was_training)
+    return HeldoutLoss(sums, counts)
 
 
 def repeated_ngram_rate(seq, n: int = 3) -> float:

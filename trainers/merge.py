@@ -6,17 +6,16 @@ The CLI is ``sweep.export``; this module holds the model work so it can be teste
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 
 import torch
 from peft import PeftModel, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import PrinterCallback
 
 from trainers.config import TrialConfig, is_quantized
 from trainers.data import build_splits
+from trainers.evaluate import heldout_loss
 from trainers.models import checkpoint_path, load_base, load_tokenizer
-from trainers.sft import make_trainer
+from trainers.sft import tokenize
 
 # Largest relative |merged - adapter| eval loss accepted before refusing to write a merged model.
 # Both losses come from the same unquantized base, so only rounding separates them.
@@ -54,11 +53,9 @@ def rebuild_splits(cfg: TrialConfig):
 
 
 def eval_loss(cfg: TrialConfig, model, tokenizer, splits) -> float:
-    """Held-out loss exactly as the trial computed it: the same trainer factory, evaluate() only."""
-    with tempfile.TemporaryDirectory(prefix="lora-sweep-export-") as tmp:
-        trainer = make_trainer(cfg, model, tokenizer, splits, tmp)
-        trainer.remove_callback(PrinterCallback)  # the CLI prints its own summary
-        return float(trainer.evaluate()["eval_loss"])
+    """Held-out loss exactly as the trial computed it (same tokenization, same function)."""
+    test_ids = tokenize(splits["test"], tokenizer, cfg.max_seq_length)["input_ids"]
+    return heldout_loss(model, test_ids, tokenizer.pad_token_id, cfg.device).mean
 
 
 def merge(model: PeftModel) -> torch.nn.Module:

@@ -223,12 +223,16 @@ def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesCo
 
 def load_base(cfg, path: str) -> torch.nn.Module:
     """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES)."""
+    from trainers import attention
+
     dtype = compute_dtype(cfg)
     return AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(cfg.bits, dtype),
         dtype=dtype,
         device_map={"": 0} if cfg.device == "cuda" else {"": "cpu"},
+        # the fast path's padding-free batches need attention that keeps examples apart (trainers/attention.py)
+        attn_implementation=attention.register() if cfg.trainer == "fast" else None,
         trust_remote_code=cfg.trust_remote_code,
     )
 

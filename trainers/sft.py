@@ -1,4 +1,15 @@
-"""Supervised fine-tuning through TRL's SFTTrainer, as the post did.
+"""Supervised fine-tuning through TRL's SFTTrainer, as the post did, on one of two paths.
+
+``reference``: the post's (and this project's first) path, TRL's defaults: ``batch_size`` examples per
+micro-batch padded to the longest, ``grad_accum`` micro-batches per optimizer step, gradient
+checkpointing as the space says.
+
+``fast``: the same optimization problem (the same ``batch_size x grad_accum`` examples per optimizer
+step, in the same order, the same schedule and loss normalization), done in one padding-free
+micro-batch: TRL's ``padding_free`` collator concatenates the step's examples into one row and
+``trainers/attention.py`` keeps each example attending to itself only. No pad token is ever computed,
+and the matrix multiplies are ``grad_accum`` times larger. The data is tokenized once, exactly as TRL
+would (a test compares the ids), and handed to TRL pre-tokenized, as padding-free mode requires.
 
 TRL 1.16 computes its loss by multiplying hidden states by ``lm_head.weight`` directly (a fused,
 chunked head), and therefore refuses a PEFT adapter on ``lm_head``: the adapter would never train.
@@ -13,15 +24,33 @@ import transformers
 from peft.tuners.tuners_utils import BaseTunerLayer
 from trl import SFTConfig, SFTTrainer
 
+from trainers.config import compute_dtype_name
+
 
 def adapts_output_head(model) -> bool:
     return isinstance(model.get_output_embeddings(), BaseTunerLayer)
 
 
-class LogitsLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is cross-entropy over the model's logits, for adapters on lm_head."""
+class CountingSFTTrainer(SFTTrainer):
+    """SFTTrainer that counts the real (unpadded) tokens it trains on, for an honest tokens/s."""
+
+    real_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Still on the CPU here (moved to the device inside), so counting costs no device sync.
+        mask = inputs.get("attention_mask")
+        self.real_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class LogitsLossSFTTrainer(CountingSFTTrainer):
+    """SFTTrainer whose loss is cross-entropy over the model's logits: needed for adapters on lm_head, and
+    what the fast path uses for every trial (one loss code path however the targets are chosen)."""
 
     def __init__(self, model, *args, **kwargs):
+        if not adapts_output_head(model):
+            super().__init__(model, *args, **kwargs)
+            return
         # Hide the head's adapter from SFTTrainer's constructor check only; compute_loss below is what
         # makes training it correct.
         head = model.get_output_embeddings()
@@ -36,22 +65,37 @@ class LogitsLossSFTTrainer(SFTTrainer):
         return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
+def tokenize(dataset, tokenizer, max_length: int):
+    """The ``text`` column as TRL tokenizes it for training (EOS appended, truncated to ``max_length``),
+    in one batched call; keeps the other columns."""
+    eos = tokenizer.eos_token
+
+    def encode(batch):
+        texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
+        return {"input_ids": tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]}
+
+    return dataset.map(encode, batched=True)
+
+
 def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), checkpoints: bool = False) -> SFTTrainer:
+    fast = cfg.trainer == "fast"
     cuda = cfg.device == "cuda"
     args = SFTConfig(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size * cfg.grad_accum if fast else cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=1 if fast else cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        max_length=cfg.max_seq_length,
+        max_length=None if fast else cfg.max_seq_length,  # fast: truncated by tokenize() already
+        padding_free=fast,
         dataset_text_field="text",  # the post trains on the whole templated text
         packing=False,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=cuda,
+        bf16=compute_dtype_name(cfg.device) == "bfloat16",
         use_cpu=not cuda,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -65,12 +109,11 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer_cls = LogitsLossSFTTrainer if adapts_output_head(model) else SFTTrainer
-    return trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=splits["train"].select_columns(["text"]),
-        eval_dataset=splits["test"].select_columns(["text"]),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
+    if fast:
+        train = tokenize(splits["train"].select_columns(["text"]), tokenizer, cfg.max_seq_length)
+        train = train.select_columns(["input_ids"])
+    else:
+        train = splits["train"].select_columns(["text"])
+    trainer_cls = LogitsLossSFTTrainer if adapts_output_head(model) or fast else CountingSFTTrainer
+    return trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                       callbacks=list(callbacks))

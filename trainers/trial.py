@@ -25,9 +25,9 @@ from trainers import checkpoints, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE,
                              CheckpointReport, StepReport, TrialConfig, TrialResult, is_quantized)
 from trainers.data import build_splits, fingerprint
-from trainers.evaluate import format_generations, generate, generation_metrics, quality_prompts
+from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
 from trainers.models import checkpoint_path, load_base, load_tokenizer, lora_config
-from trainers.sft import make_trainer
+from trainers.sft import make_trainer, tokenize
 
 Report = Callable[[dict], None]  # tune.report, or a test's list.append
 
@@ -90,7 +90,7 @@ class Training:
     trainer: object
     started_at: float
     seconds: float
-    tokens: float
+    tokens: int
     losses: list[float]
 
 
@@ -128,10 +128,9 @@ def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from
     started_at, start = time.time(), time.perf_counter()
     if not cfg.baseline:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
-    done = (trainer.state.global_step - resume_step) / max(trainer.state.max_steps, 1)  # share this process ran
-    tokens = 0 if cfg.baseline else sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs * done
-    return Training(trainer, started_at, seconds, tokens, steps.losses)
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+    return Training(trainer, started_at, time.perf_counter() - start, trainer.real_tokens, steps.losses)
 
 
 def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> None:
@@ -160,17 +159,24 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))  # what export needs to rebuild it
 
+    clock = time.perf_counter()
     s = setup(cfg)
     t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint)
+    setup_seconds = time.perf_counter() - clock - t.seconds  # data, base, adapter, trainer
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
-    eval_loss = float(t.trainer.evaluate()["eval_loss"])
+    clock = time.perf_counter()
+    test_ids = tokenize(s.splits["test"], s.tokenizer, cfg.max_seq_length)["input_ids"]
+    eval_loss = heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device).mean
+    eval_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
                            cfg.max_new_tokens)
+    generate_seconds = time.perf_counter() - clock
     save(cfg, s, out_dir, generations)
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
-        eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0)),
-        train_seconds=t.seconds, train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
+        eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0)), setup_seconds=setup_seconds,
+        train_seconds=t.seconds, eval_seconds=eval_seconds, generate_seconds=generate_seconds, train_tokens=t.tokens,
+        train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         train_loss_first=t.losses[0] if t.losses else float("nan"),
         train_loss_last=t.losses[-1] if t.losses else float("nan"),
