@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 from pathlib import Path
@@ -50,7 +51,58 @@ def dashboard_available() -> bool:
     return False
 
 
-def check_resources(planned, gpus_per_trial: float) -> None:
+CUDA_OVERHEAD_GB = 1.5  # per process, beyond what PyTorch allocates: CUDA context, cuBLAS workspace, fragments
+
+
+def gpu_memory_gb() -> float:
+    """The smallest GPU memory (GiB) among the cluster's GPU nodes, read on each node by a tiny Ray task."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_gpus=0.0001, num_cpus=0)
+    def probe() -> float:
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout
+            return min(float(x) for x in out.split()) / 1024
+        except (OSError, ValueError, subprocess.SubprocessError):
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    tasks = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+             for node in nodes]
+    try:
+        return min(ray.get(tasks, timeout=120))
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot size trials from memory
+        raise UserError(f"--gpus-per-trial auto: cannot read the GPUs' memory ({type(e).__name__}); "
+                        "pass a number instead, e.g. --gpus-per-trial 1") from None
+
+
+def gpu_shares(planned, gpus_per_trial: float | str) -> dict[str, float]:
+    """Each CUDA trial's share of a GPU: the number given, or with ``auto`` its estimated peak memory
+    (sweep/plan.py) over the GPU's, so small trials share a GPU and big ones get one; never more than fits."""
+    cuda = [p for p in planned if p.cfg.device == "cuda"]
+    if gpus_per_trial != "auto":
+        return {p.cfg.name: float(gpus_per_trial) for p in cuda}
+    if not cuda:
+        return {}
+    total = gpu_memory_gb()
+    shares = {}
+    for p in cuda:
+        need = p.gpu_gb + CUDA_OVERHEAD_GB
+        if need > total:
+            raise UserError(f"trial {p.cfg.name} needs about {need:.0f} GiB of GPU memory but the GPUs have "
+                            f"{total:.0f} GiB: set gradient_checkpointing=True (or fast_kbit=False, or a smaller "
+                            "batch_size x grad_accum) in the space, or run on larger GPUs")
+        shares[p.cfg.name] = math.ceil(need / total * 100) / 100
+    return shares
+
+
+def check_resources(planned, shares: dict[str, float]) -> None:
     """Refuse sweeps whose trials could never be scheduled, instead of leaving them pending forever."""
     import ray
 
@@ -62,16 +114,18 @@ def check_resources(planned, gpus_per_trial: float) -> None:
         if cfg.device == "cuda" and max_gpus == 0:
             raise UserError(f"trial {cfg.name} needs a CUDA GPU but the Ray cluster has none; run on a GPU machine, "
                             "pass --address of a GPU cluster, or --set device=cpu")
-        if cfg.device == "cuda" and gpus_per_trial > max_gpus:
-            raise UserError(f"--gpus-per-trial {gpus_per_trial} exceeds the {max_gpus:g} GPUs of the largest node")
+        if cfg.device == "cuda" and shares[cfg.name] > max_gpus:
+            raise UserError(f"--gpus-per-trial {shares[cfg.name]:g} exceeds the {max_gpus:g} GPUs of the largest node")
         if cfg.cpus_per_trial > max_cpus:
             raise UserError(f"trial {cfg.name} needs {cfg.cpus_per_trial} CPUs; the largest node has {max_cpus:g}")
 
 
-def trial_resources(gpus_per_trial: float):
+def trial_resources(shares: dict[str, float]):
     """Ray's per-trial resource request, read from the trial's own config."""
     def resources(config: dict) -> dict:
-        t = config["trial"]["config"]
-        return {"cpu": t["cpus_per_trial"], "gpu": gpus_per_trial if t["device"] == "cuda" else 0}
+        t = config["trial"]
+        cuda = t["config"]["device"] == "cuda"
+        return {"cpu": t["config"]["cpus_per_trial"], "gpu": shares.get(t["name"], max(shares.values(), default=1))
+                if cuda else 0}
 
     return resources

@@ -7,6 +7,7 @@ the trials run, and the reports written.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ class SweepOptions:
     output: str | None = None
     name: str | None = None
     address: str | None = None
-    gpus_per_trial: float = 1.0
+    gpus_per_trial: float | str = "auto"
     mlflow_uri: str | None = None
     dashboard_host: str = "127.0.0.1"
     baseline: bool = True
@@ -44,8 +45,9 @@ def plan_sweep(opts: SweepOptions, *, for_training: bool):
     planned = plan(expand(space, opts.space, parse_sets(opts.sets)), opts.space, for_training=for_training)
     if opts.baseline:
         first = planned[0]
-        planned.insert(0, PlannedTrial(baseline_of(first.cfg), 0, first.total_params - first.trainable_params,
-                                       first.gpu_gb))
+        base = baseline_of(first.cfg)  # its memory estimate: evaluation only
+        gpu_gb = plan([base], opts.space, for_training=False)[0].gpu_gb
+        planned.insert(0, PlannedTrial(base, 0, first.total_params - first.trainable_params, gpu_gb))
     return opts.name or space.name, planned
 
 
@@ -64,8 +66,8 @@ def run_sweep(opts: SweepOptions) -> int:
     from sweep import cluster
 
     name, planned = plan_sweep(opts, for_training=True)
-    if opts.gpus_per_trial <= 0:
-        raise UserError(f"--gpus-per-trial must be > 0, got {opts.gpus_per_trial}")
+    if opts.gpus_per_trial != "auto" and not (0 < opts.gpus_per_trial < math.inf):
+        raise UserError(f"--gpus-per-trial must be 'auto' or a number > 0, got {opts.gpus_per_trial}")
     if opts.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, got {opts.max_failures}")
     out = Path(opts.output or Path("sweeps") / name).resolve()
@@ -76,7 +78,8 @@ def run_sweep(opts: SweepOptions) -> int:
 
     cluster.start_ray(opts.address, opts.dashboard_host)
     try:
-        cluster.check_resources(planned, opts.gpus_per_trial)
+        shares = cluster.gpu_shares(planned, opts.gpus_per_trial)
+        cluster.check_resources(planned, shares)
         if manifest is not None and opts.fresh:  # only now that nothing can refuse the run
             sweepdir.move_aside(out)
             manifest = None
@@ -84,7 +87,7 @@ def run_sweep(opts: SweepOptions) -> int:
         if manifest is None:
             manifest = sweepdir.new_manifest(out, name=name, space=str(opts.space), fingerprint=fingerprint,
                                              mlflow_uri=redact(tracking_uri(opts.mlflow_uri)))
-        return execute(opts, manifest, out, planned)
+        return execute(opts, manifest, out, planned, shares)
     finally:
         ray.shutdown()
 
@@ -105,13 +108,15 @@ def open_tracker(opts: SweepOptions, manifest: dict, out: Path, planned) -> MLfl
     return tracker
 
 
-def execute(opts: SweepOptions, manifest: dict, out: Path, planned) -> int:
+def execute(opts: SweepOptions, manifest: dict, out: Path, planned, shares: dict[str, float]) -> int:
     from sweep.callbacks import TrialEvents
     from sweep.summary import write_reports
     from sweep.tuner import build_tuner, collect
 
     tracker = open_tracker(opts, manifest, out, planned)
-    tuner = build_tuner(out, planned, gpus_per_trial=opts.gpus_per_trial, max_failures=opts.max_failures,
+    if shares:
+        print("GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items()), flush=True)
+    tuner = build_tuner(out, planned, shares=shares, max_failures=opts.max_failures,
                         callbacks=[TrialEvents(str(out), tracker)])
     outcomes = collect(tuner.fit(), out)
     rows, md = write_reports(out, planned, outcomes, title=f"Sweep {manifest['name']}", metric=opts.metric,

@@ -21,33 +21,48 @@ class PlannedTrial:
     """Estimated peak GPU memory of the trial (``estimate_gpu_gb``); 0 for CPU trials."""
 
 
-# Bytes autograd keeps per token, per layer, per hidden unit, for the backward pass of a decoder block
-# (the residual stream in fp32 after prepare_model_for_kbit_training, matmul outputs in bf16 under
-# autocast), without and with gradient checkpointing. Calibrated on an H200 (README, "GPU memory").
-ACTIVATION_BYTES = {False: 60.0, True: 8.0}
-EVAL_TOKENS = 16384  # trainers.evaluate.EVAL_BATCH_TOKENS["cuda"]
+# Peak GPU memory per trial, from the architecture. Calibrated against `python -m sweep.bench` on an
+# H200 (OpenLLaMA-3B layout, 20 steps of 16 examples; README "GPU memory"): bytes autograd keeps per
+# token, per layer, per hidden unit without gradient checkpointing, 48 plus 26 times the share of
+# the layer's input width that carries an adapter (LoRA keeps its own copy of each adapted input);
+# 24 more for the stock 8-bit layers (they keep fp32 and int8 copies of their inputs); 8 with
+# checkpointing (the layer inputs in fp32 and one layer's worth). Logits cost about 10 bytes a token
+# per vocabulary entry (bf16 logits, their fp32 copy, the loss's softmax).
+ACTIVATION_BYTES, ADAPTED_INPUT_BYTES, STOCK_INT8_BYTES, CHECKPOINTED_BYTES = 48.0, 26.0, 24.0, 8.0
+LOGIT_BYTES = 10.0
+EVAL_TOKENS = 8192  # trainers.evaluate.EVAL_BATCH_TOKENS["cuda"]
 
 
 def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
-    """Peak memory PyTorch allocates for this trial on a GPU (what ``peak_gpu_mem_gb`` reports), from the
-    architecture on the meta device: frozen base in its bits, adapter with AdamW state, the activations
-    of the largest micro-batch, its logits, or the evaluation batch's logits, whichever is larger."""
+    """Peak memory PyTorch allocates for this trial on a GPU (what ``peak_gpu_mem_gb`` reports): the frozen
+    base in its bits (and its 16-bit copy on the fast path), the adapter with AdamW state, and the larger of
+    training's largest micro-batch (activations and logits) and the evaluation batch's logits."""
     import torch
 
+    from trainers.config import is_quantized, uses_fast_kbit
+
     conf = model.config
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head" and "lora_" not in n)
+    linears = {n.removesuffix(".base_layer"): m for n, m in model.named_modules()  # the base's own layers
+               if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    body = [m for n, m in linears.items() if n.split(".")[-1] != "lm_head"]
+    linear = sum(m.weight.numel() for m in body)
     other = sum(p.numel() for p in model.parameters()) - linear - trainable  # embeddings, norms, lm_head
     weight_bytes = {4: 0.5 + 1 / 64, 8: 1.0 + 4 / conf.hidden_size, 16: 2.0}[cfg.bits]
-    base = linear * weight_bytes + other * (4.0 if cfg.bits in (4, 8) else 2.0)  # kbit prep upcasts to fp32
+    base = linear * weight_bytes + other * (4.0 if is_quantized(cfg.bits) else 2.0)  # k-bit prep upcasts to fp32
+    if uses_fast_kbit(cfg, cfg.bits):
+        base += linear * 2.0
     adapter = trainable * (4 + 4 + 8)  # weights, gradients, AdamW moments (fp32)
-    per_step = cfg.batch_size * cfg.grad_accum if cfg.trainer == "fast" else cfg.batch_size
-    tokens = per_step * cfg.max_seq_length
-    acts = tokens * conf.num_hidden_layers * conf.hidden_size * ACTIVATION_BYTES[cfg.gradient_checkpointing]
-    logits = tokens * conf.vocab_size * (2 + 4 + 4)  # bf16 logits, their fp32 copy for the loss, its gradient
-    work = 0.0 if cfg.baseline else acts + logits
-    evaluation = EVAL_TOKENS * conf.vocab_size * (2 + 4)
-    return (base + adapter + max(work, evaluation)) / 2**30
+    adapted = sum(m.in_features for n, m in model.named_modules() if hasattr(m, "lora_A") and "lm_head" not in n)
+    share = adapted / max(sum(m.in_features for m in body), 1)
+    per_token = ACTIVATION_BYTES + ADAPTED_INPUT_BYTES * share
+    if cfg.bits == 8 and not uses_fast_kbit(cfg, 8):
+        per_token += STOCK_INT8_BYTES
+    if cfg.gradient_checkpointing:
+        per_token = CHECKPOINTED_BYTES
+    tokens = (cfg.batch_size * cfg.grad_accum if cfg.trainer == "fast" else cfg.batch_size) * cfg.max_seq_length
+    train = tokens * (conf.num_hidden_layers * conf.hidden_size * per_token + conf.vocab_size * LOGIT_BYTES)
+    evaluation = EVAL_TOKENS * conf.vocab_size * LOGIT_BYTES
+    return (base + adapter + max(0.0 if cfg.baseline else train, evaluation)) / 2**30
 
 
 def _absolute(value: str) -> str:

@@ -23,13 +23,24 @@ from sweep.cli import exit_code
 from sweep.driver import SweepOptions
 
 
+def gpus(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__.split("\n")[0])
     p.add_argument("space", help="search-space file (Python), e.g. search_spaces/paper_grid.py")
     p.add_argument("--output", help="sweep directory (default: sweeps/<name>/)")
     p.add_argument("--name", help="sweep name: MLflow experiment and default directory (default: the space's name)")
     p.add_argument("--address", help="Ray cluster address; default starts a local Ray")
-    p.add_argument("--gpus-per-trial", type=float, default=1.0, help="GPUs per trial for CUDA spaces (default 1)")
+    p.add_argument("--gpus-per-trial", type=gpus, default="auto", metavar="auto|N",
+                   help="GPU share per CUDA trial: auto (default) sizes each trial's share from its estimated peak "
+                        "memory so small trials share a GPU; or a number (1 = a whole GPU each, 0.5 = two per GPU)")
     p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting for every trial, e.g. --set epochs=1 (repeatable)")

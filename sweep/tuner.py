@@ -12,7 +12,7 @@ from sweep.sweepdir import TrialOutcome
 from trainers.config import TrialResult, report_kind
 
 
-def build_tuner(out: Path, planned, *, gpus_per_trial: float, max_failures: int, callbacks: list):
+def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: int, callbacks: list):
     """A new Tuner over the planned trials, or Ray Tune's own restore of the one in ``out``: finished
     trials stay finished, the others continue from their checkpoints."""
     from ray import tune
@@ -20,7 +20,7 @@ def build_tuner(out: Path, planned, *, gpus_per_trial: float, max_failures: int,
     from trainers.trial import tune_trainable
 
     tune_dir = out / sweepdir.TUNE_DIR
-    trainable = tune.with_resources(tune_trainable, trial_resources(gpus_per_trial))
+    trainable = tune.with_resources(tune_trainable, trial_resources(shares))
     param_space = {"trial": tune.grid_search([p.cfg.to_param() for p in planned]), "tune_dir": str(tune_dir)}
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,

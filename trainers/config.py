@@ -76,6 +76,9 @@ class Settings:
     order, schedule and loss normalization either way; ``reference`` re-checks the fast path's fidelity."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: train the full ``epochs``); for quick checks and benchmarks."""
+    fast_kbit: bool = True
+    """Fast path with a 4/8-bit base: keep a 16-bit copy of the frozen weights (+2 bytes a parameter) so
+    no step dequantizes them again, and run LLM.int8 without its host syncs (``trainers/kbit.py``)."""
 
 
 def _is_int(v) -> bool:
@@ -133,7 +136,7 @@ class TrialConfig(Settings):
         check("train_samples", _is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
         check("heldout_prompts", _is_int(self.heldout_prompts) and self.heldout_prompts >= 0, "must be an integer >= 0")
         check("seed", _is_int(self.seed), "must be an integer")
-        for name in ("gradient_checkpointing", "trust_remote_code"):
+        for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
         return out
 
@@ -265,3 +268,8 @@ class TrialResult:
 
 def report_kind(result: dict[str, Any]) -> str | None:
     return result.get(REPORT_KIND)
+
+
+def uses_fast_kbit(cfg: Settings, bits: int) -> bool:
+    """Whether a trial's quantized base runs through trainers/kbit.py (the fast path's frozen layers)."""
+    return cfg.trainer == "fast" and cfg.fast_kbit and is_quantized(bits)

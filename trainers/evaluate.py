@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from trainers.data import END_MARKER, POST_PROMPTS, prompt
 
-EVAL_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}  # tokens per evaluation forward pass (padding included)
+# Tokens per evaluation forward pass (padding included). Its logits, about 10 bytes a token per vocabulary
+# entry in all, are a trial's memory peak when training needs less (sweep/plan.py counts them).
+EVAL_BATCH_TOKENS = {"cuda": 8192, "cpu": 4096}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from trainers.config import compute_dtype_name
+from trainers.config import compute_dtype_name, uses_fast_kbit
 
 ASSETS = Path(__file__).parent / "assets" / "models"
 # Hub ids whose config we bundle, so --dry-run and validation work with no network.
@@ -156,31 +156,35 @@ def cache_root() -> Path:
 def materialize_random(name: str, seed: int) -> Path:
     """Write ``random:<name>`` with seed ``seed`` as a checkpoint once; reuse it afterwards.
 
-    Concurrent trials may race to build it: each writes a private temp dir and renames it into
-    place; the loser discards its copy.
+    Trials that start together wait on a file lock for the first one to write it (a 3B model is
+    6 GB: building it once per trial would multiply the disk writes and GPU memory); it is written
+    to a private temp dir and renamed into place, so a crash never leaves half a checkpoint.
     """
+    import fcntl
+
     src = _bundled_dir(name)
     final = cache_root() / "random" / f"{name}-seed{seed}"
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        torch.manual_seed(seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # init of billions of params is 10x faster on GPU
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
-        model.save_pretrained(tmp)
-        del model
-        tok_src = src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER
-        for f in tok_src.glob("tokenizer*"):
-            shutil.copy(f, tmp / f.name)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (final / "config.json").is_file():  # another trial wrote it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
         try:
+            torch.manual_seed(seed)
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # init of billions of params is 10x faster on GPU
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+            model.save_pretrained(tmp)
+            del model
+            tok_src = src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER
+            for f in tok_src.glob("tokenizer*"):
+                shutil.copy(f, tmp / f.name)
             os.replace(tmp, final)
-        except OSError:  # another trial finished first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -223,10 +227,10 @@ def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesCo
 
 def load_base(cfg, path: str) -> torch.nn.Module:
     """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES)."""
-    from trainers import attention
+    from trainers import attention, kbit
 
     dtype = compute_dtype(cfg)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(cfg.bits, dtype),
         dtype=dtype,
@@ -235,6 +239,9 @@ def load_base(cfg, path: str) -> torch.nn.Module:
         attn_implementation=attention.register() if cfg.trainer == "fast" else None,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if uses_fast_kbit(cfg, cfg.bits):
+        kbit.patch(model, dtype)
+    return model
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
