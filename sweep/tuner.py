@@ -21,7 +21,8 @@ def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: i
 
     tune_dir = out / sweepdir.TUNE_DIR
     trainable = tune.with_resources(tune_trainable, trial_resources(shares))
-    param_space = {"trial": tune.grid_search([p.cfg.to_param() for p in planned]), "tune_dir": str(tune_dir)}
+    params = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0)} for p in planned]
+    param_space = {"trial": tune.grid_search(params), "tune_dir": str(tune_dir)}
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space)
