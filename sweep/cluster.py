@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from sweep.cli import UserError
+from trainers.config import CUDA_OVERHEAD_GB
 
 
 def check_address(address: str | None) -> None:
@@ -51,7 +52,6 @@ def dashboard_available() -> bool:
     return False
 
 
-CUDA_OVERHEAD_GB = 1.5  # per process, beyond what PyTorch allocates: CUDA context, cuBLAS workspace, fragments
 
 
 def gpu_memory_gb() -> float:

@@ -30,6 +30,9 @@ class PlannedTrial:
 # per vocabulary entry (bf16 logits, their fp32 copy, the loss's softmax).
 ACTIVATION_BYTES, ADAPTED_INPUT_BYTES, STOCK_INT8_BYTES, CHECKPOINTED_BYTES = 48.0, 26.0, 24.0, 8.0
 LOGIT_BYTES = 10.0
+# Blocks the caching allocator holds beyond the peak (expandable segments on): the base row, whose peak
+# is an evaluation batch, reached 11.1 GiB of its 11.5 GiB estimate and failed on an H200.
+ALLOCATOR_HEADROOM = 1.1
 EVAL_TOKENS = 8192  # trainers.evaluate.EVAL_BATCH_TOKENS["cuda"]
 
 
@@ -61,8 +64,10 @@ def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
         per_token = CHECKPOINTED_BYTES
     tokens = (cfg.batch_size * cfg.grad_accum if cfg.trainer == "fast" else cfg.batch_size) * cfg.max_seq_length
     train = tokens * (conf.num_hidden_layers * conf.hidden_size * per_token + conf.vocab_size * LOGIT_BYTES)
-    evaluation = EVAL_TOKENS * conf.vocab_size * LOGIT_BYTES
-    return (base + adapter + max(0.0 if cfg.baseline else train, evaluation)) / 2**30
+    # evaluation: its logits, and a few layers' activations (no autograd graph) in fp32
+    inner = getattr(conf, "intermediate_size", None) or 4 * conf.hidden_size
+    evaluation = EVAL_TOKENS * (conf.vocab_size * LOGIT_BYTES + 4 * (6 * conf.hidden_size + 3 * inner))
+    return ALLOCATOR_HEADROOM * (base + adapter + max(0.0 if cfg.baseline else train, evaluation)) / 2**30
 
 
 def _absolute(value: str) -> str:

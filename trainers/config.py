@@ -32,6 +32,11 @@ def is_quantized(bits: int) -> bool:
     return bits in (4, 8)
 
 
+CUDA_OVERHEAD_GB = 1.5
+"""GPU memory a trial process uses beyond PyTorch's allocations (CUDA context, cuBLAS workspace): the
+driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
+
+
 def compute_dtype_name(device: str) -> str:
     """bf16 on CUDA (the post's A100 and our H200s), fp32 on the CPU, where bf16 matmuls are slow."""
     return "bfloat16" if device == "cuda" else "float32"

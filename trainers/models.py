@@ -30,6 +30,7 @@ BUNDLED_HUB_CONFIGS = {"openlm-research/open_llama_3b_v2": "open_llama_3b_v2"}
 FALLBACK_TOKENIZER = "tiny-llama"
 ATTENTION_PAIRS = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"), ("q_lin", "v_lin"))
 FUSED_QKV = ("query_key_value", "c_attn", "qkv_proj", "Wqkv", "qkv", "W_pack")
+GPU_SHARE_ENV = "LORA_SWEEP_GPU_SHARE"  # set by a trial that shares its GPU under a memory cap
 
 
 class ModelError(Exception):
@@ -174,11 +175,12 @@ def materialize_random(name: str, seed: int) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
         try:
             torch.manual_seed(seed)
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # init of billions of params is 10x faster on GPU
-            with torch.device(device):
+            with torch.device(_build_device()):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
             model.save_pretrained(tmp)
             del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the whole bf16 model back before this trial loads its own base
             tok_src = src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER
             for f in tok_src.glob("tokenizer*"):
                 shutil.copy(f, tmp / f.name)
@@ -186,6 +188,14 @@ def materialize_random(name: str, seed: int) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _build_device() -> str:
+    """Where to initialize a random base: the GPU (about 10x faster for billions of parameters) unless this
+    process shares its GPU under a memory cap (trials packed by --gpus-per-trial auto), which a whole
+    16-bit model could break (seen on an H200: the 0.09-GPU base row building the 3B model ran out)."""
+    shared = float(os.environ.get(GPU_SHARE_ENV, "1")) < 1.0
+    return "cuda" if torch.cuda.is_available() and not shared else "cpu"
 
 
 def check_weights_available(model_id: str) -> None:

@@ -22,15 +22,14 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, faults
-from trainers.config import (ADAPTER_DIR, CONFIG_FILE, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE,
-                             CheckpointReport, StepReport, TrialConfig, TrialResult, is_quantized)
+from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
+                             METRICS_FILE, CheckpointReport, StepReport, TrialConfig, TrialResult, is_quantized)
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
-from trainers.models import checkpoint_path, load_base, load_tokenizer, lora_config
+from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer, tokenize
 
 Report = Callable[[dict], None]  # tune.report, or a test's list.append
-CUDA_OVERHEAD_GB = 1.5  # beyond PyTorch's allocations: context, cuBLAS workspace (sweep.cluster counts it too)
 
 
 class CheckpointReporter(TrainerCallback):
@@ -196,6 +195,7 @@ def limit_gpu_memory(share: float) -> None:
     if 0 < share < 1 and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(max(share - CUDA_OVERHEAD_GB / total, 0.05))
+        os.environ[GPU_SHARE_ENV] = str(share)  # models.materialize_random then builds on the CPU
 
 
 def tune_trainable(config: dict) -> None:
