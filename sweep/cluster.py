@@ -55,7 +55,8 @@ def dashboard_available() -> bool:
 
 
 def gpu_memory_gb() -> float:
-    """The smallest GPU memory (GiB) among the cluster's GPU nodes, read on each node by a tiny Ray task."""
+    """The smallest GPU memory (GiB) among the cluster's GPU nodes, read on each node by a tiny Ray task (inf
+    when there is none)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -73,6 +74,8 @@ def gpu_memory_gb() -> float:
             return torch.cuda.get_device_properties(0).total_memory / 2**30
 
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    if not nodes:  # nothing to size against; check_resources refuses the CUDA trials with the reason
+        return math.inf
     tasks = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
              for node in nodes]
     try:
