@@ -183,20 +183,27 @@ REPORT_KIND = "report"
 
 @dataclass(frozen=True)
 class StepReport:
-    """A logged training step: the driver streams these to MLflow as step metrics."""
+    """A logged training step: the driver streams these to MLflow as step metrics and to the console."""
 
     KIND = "step"
     step: int
     epoch: float
     loss: float
     learning_rate: float
+    max_steps: int = 0
+    """The trial's total optimizer steps (0: unknown), for "step / total" and the ETA."""
+    tokens_per_second: float = 0.0
+    """Real (unpadded) tokens trained per second since the previous report."""
+    system: dict[str, float] = field(default_factory=dict)
+    """Mean system metrics sampled since the previous report, named as MLflow's system metrics
+    (``cpu_utilization_percentage``, ``gpu_0_utilization_percentage``, ...); empty when none were taken."""
 
     def to_report(self) -> dict:
         return {REPORT_KIND: self.KIND, **dataclasses.asdict(self)}
 
     @classmethod
     def from_report(cls, d: dict) -> "StepReport":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
 from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer, tokenize
+from trainers.sysmetrics import SystemSampler
 
 Report = Callable[[dict], None]  # tune.report, or a test's list.append
 
@@ -43,17 +44,28 @@ class CheckpointReporter(TrainerCallback):
 
 
 class StepReporter(TrainerCallback):
-    """Forwards every logged training step (loss, learning rate) to the driver."""
+    """Forwards every logged training step (loss, learning rate, progress, throughput, system metrics)
+    to the driver."""
 
-    def __init__(self, report: Report):
-        self.report = report
+    def __init__(self, report: Report, sampler: SystemSampler | None = None):
+        self.report, self.sampler = report, sampler
         self.losses: list[float] = []
+        self.tokens: Callable[[], int] = lambda: 0  # the trainer's real-token count, once it exists
+        self._last = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), self.tokens())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
-            self.report(StepReport(step=state.global_step, epoch=float(state.epoch or 0.0), loss=float(logs["loss"]),
-                                   learning_rate=float(logs.get("learning_rate", 0.0))).to_report())
+            now, tokens = time.perf_counter(), self.tokens()
+            rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
+            self._last = (now, tokens)
+            self.report(StepReport(
+                step=state.global_step, epoch=float(state.epoch or 0.0), loss=float(logs["loss"]),
+                learning_rate=float(logs.get("learning_rate", 0.0)), max_steps=int(state.max_steps or 0),
+                tokens_per_second=rate, system=self.sampler.take() if self.sampler else {}).to_report())
 
 
 def quantized_layers(model) -> dict[str, int]:
@@ -64,6 +76,11 @@ def quantized_layers(model) -> dict[str, int]:
         if name in ("Linear4bit", "Linear8bitLt") and type(m).__module__.startswith("bitsandbytes"):
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def gpu_uuids(cuda: bool) -> list[str]:
+    """The GPUs this process may use (Ray pins them through CUDA_VISIBLE_DEVICES), by UUID."""
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())] if cuda else []
 
 
 def device_info(cuda: bool) -> dict:
@@ -116,12 +133,13 @@ def setup(cfg: TrialConfig) -> Setup:
 
 
 def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from: Path | None, resume_step: int,
-          on_checkpoint: Callable[[Path, int], None] | None) -> Training:
+          on_checkpoint: Callable[[Path, int], None] | None, sampler: SystemSampler | None = None) -> Training:
     """4. train (the baseline only builds the trainer, which evaluation reuses)."""
-    steps = StepReporter(report)
+    steps = StepReporter(report, sampler)
     callbacks = [steps] + ([CheckpointReporter(on_checkpoint)] if on_checkpoint else []) + faults.injectors(cfg.name)
     trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
                            checkpoints=on_checkpoint is not None)
+    steps.tokens = lambda: trainer.real_tokens
     trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -144,11 +162,13 @@ def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> 
 
 
 def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
-              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None) -> TrialResult:
+              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None,
+              sampler: SystemSampler | None = None) -> TrialResult:
     """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir.
 
     ``resume_from`` is a Trainer checkpoint (of ``resume_step``) to continue from; ``on_checkpoint``
-    receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps.
+    receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps; ``sampler``'s
+    system metrics ride along with each step report.
     """
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -161,7 +181,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
 
     clock = time.perf_counter()
     s = setup(cfg)
-    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint)
+    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint, sampler)
     setup_seconds = time.perf_counter() - clock - t.seconds  # data, base, adapter, trainer
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     clock = time.perf_counter()
@@ -230,8 +250,12 @@ def tune_trainable(config: dict) -> None:
             resume_from = shutil.copytree(point[0], Path(tmp) / "resume")  # Ray may rewrite its copy
             resume_step = point[1]
         result_dir = Path(tmp) / "result"
-        result = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
-                           on_checkpoint=on_checkpoint)
+        sampler = SystemSampler(gpu_uuids(cfg.device == "cuda")).start()
+        try:
+            result = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
+                               on_checkpoint=on_checkpoint, sampler=sampler)
+        finally:
+            sampler.stop()
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result
         checkpoints.seal(result_dir, step=result.train_steps, final=True)
         tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(result_dir)))
