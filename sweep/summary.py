@@ -106,30 +106,39 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec) if _finite(x) else "-"
 
 
+TABLE_HEAD = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "vs base",
+              "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB",
+              "device", "status"]
+
+
+def table_cells(r: dict) -> list[str]:
+    """One row of the table as text, in TABLE_HEAD's order (summary.md, report.html and sweep.status)."""
+    targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
+        f"{r['targets']} ({', '.join(r['target_modules'].split())})"
+    device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
+    return [
+        r["trial_id"] + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
+        "(no adapter)" if r["baseline"] else targets, str(r["bits"]), r["quality"],
+        f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
+        _fmt(r["vs_base"], "+.4f"), _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"),
+        _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
+        _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
+    ]
+
+
+def quality_rule(metric: str) -> str:
+    return (f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
+            "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
+            "token 3-grams) or are very short (< 5 words).")
+
+
 def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
-    head = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "vs base",
-            "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB",
-            "device", "status"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
-            f"{r['targets']} ({', '.join(r['target_modules'].split())})"
-        device = r["device"] + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
-        cells = [
-            r["trial_id"] + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
-            "(no adapter)" if r["baseline"] else targets, str(r["bits"]), r["quality"],
-            f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
-            _fmt(r["vs_base"], "+.4f"), _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"),
-            _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
-            _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [f"# {title}", "", "| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
     errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != sweepdir.TERMINATED and r["error"]]
     if errors:
         lines += ["", "Errors:", *errors]
-    lines += ["", f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
-              "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
-              "token 3-grams) or are very short (< 5 words)."]
+    lines += ["", quality_rule(metric)]
     return "\n".join(lines) + "\n"
 
 

@@ -26,9 +26,15 @@ from trainers.config import TrialResult
 SWEEP_MANIFEST, LEDGER = "sweep.json", "ledger.json"
 TUNE_DIR = "tune"  # Ray Tune's experiment directory inside the sweep directory
 TRIALS_DIR = "trials"  # each finished trial's result files, copied from its final checkpoint
+LOGS_DIR = "logs"  # each trial's output (logs/<trial>.log) and the driver's library logs (logs/driver.log)
 
 # A trial's status in the ledger and the table.
 TERMINATED, ERROR, INTERRUPTED, NOT_RUN = "TERMINATED", "ERROR", "INTERRUPTED", "NOT_RUN"
+
+
+def sweep_failed(statuses) -> bool:
+    """The exit-code rule shared by ``sweep.run`` and ``sweep.status``: 1 unless every trial finished."""
+    return any(s != TERMINATED for s in statuses)
 
 
 @dataclass(frozen=True)

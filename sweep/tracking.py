@@ -25,7 +25,11 @@ SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "lora_sweep.sweep_id", "lora_sweep.trial_fp", "
 ERROR_TAG = "lora_sweep.error"
 TRIAL_PARAMS = ("r", "bits", "lora_alpha", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
                 "model", "dataset", "max_seq_length", "train_samples", "seed", "device", "max_new_tokens")
-STEP_METRICS = ("loss", "learning_rate")
+STEP_METRICS = ("loss", "learning_rate", "tokens_per_second")
+SYSTEM_PREFIX = "system/"  # where MLflow's own system metrics live, so its "System metrics" charts show ours
+# The experiment kind MLflow's UI reads to open an experiment on its runs rather than on the GenAI trace
+# overview (the value its kind selector writes for "Machine learning"; see the note in the README).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(flag: str | None) -> str:
@@ -75,8 +79,14 @@ class MLflowTracker:
 
             self._client = MlflowClient(tracking_uri=self.uri)
             exp = self._client.get_experiment_by_name(self.experiment)
-            self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(
+                self.experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        _ = self.client
+        return self._experiment_id
 
     def _find(self, **tags) -> list:
         where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {SWEEP_TAG: self.sweep_id, **tags}.items())
@@ -131,8 +141,11 @@ class MLflowTracker:
 
     def finish(self, summary_dir: Path, rows: list[dict], failed: bool) -> None:
         self._close_running_trials()  # trials an interrupt (Ctrl-C) stopped
-        for name in ("summary.md", "summary.csv", "samples.md"):
-            self.client.log_artifact(self.parent_id, str(summary_dir / name))
+        for name in ("summary.md", "summary.csv", "samples.md", "report.html"):
+            if (summary_dir / name).is_file():
+                self.client.log_artifact(self.parent_id, str(summary_dir / name))
+        if (summary_dir / "plots").is_dir():
+            self.client.log_artifacts(self.parent_id, str(summary_dir / "plots"), artifact_path="plots")
         table = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
         self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
@@ -144,7 +157,9 @@ class MLflowTracker:
     def trial_step(self, param: dict, step: StepReport, timestamp: float) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, float(getattr(step, k)), int(timestamp * 1000), step.step) for k in STEP_METRICS]
+        ms = int(timestamp * 1000)
+        metrics = [Metric(k, float(getattr(step, k)), ms, step.step) for k in STEP_METRICS]
+        metrics += [Metric(SYSTEM_PREFIX + k, float(v), ms, step.step) for k, v in step.system.items()]
         self.client.log_batch(self._child(param), metrics=metrics)
 
     def trial_finished(self, param: dict, result: TrialResult | None, result_dir: Path | None) -> None:

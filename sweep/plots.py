@@ -1,0 +1,209 @@
+"""A sweep's plots (matplotlib, headless): written to ``DIR/plots/``, embedded in ``report.html`` and
+logged to the parent MLflow run.
+
+  quality_vs_cost    eval loss against parameters updated, one point per trial (marker by base bits),
+                     the base row as a horizontal line
+  loss_curves        training loss (lines) and eval loss (markers) against the optimizer step, one
+                     colour per trial, the base row's eval loss as a line
+  search_history     (searches) each trial's eval loss in the order it finished, and the best so far
+  param_importance   (searches) how much each varied setting explains the eval loss (Optuna's fANOVA)
+
+Each builder returns a matplotlib ``Figure`` built from plain data (tests read the series back);
+``write_plots`` reads that data from the sweep directory. No pyplot: figures are plain objects with
+the Agg canvas, so nothing needs a display and nothing global is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from sweep import sweepdir
+from trainers.config import REPORT_KIND, StepReport, TrialResult
+
+PLOTS_DIR = "plots"
+SIZE, DPI = (8, 5), 100  # 800 x 500 pixels
+BIT_MARKERS = {4: "o", 8: "s", 16: "^"}
+# Trial settings that are never a sweep axis, or are derived from one.
+NOT_AXES = {"name", "index", "baseline", "target_modules"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _figure(title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def colours(names: list[str]) -> dict[str, tuple]:
+    """One colour per trial, the same in every plot."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def finished(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
+
+
+def base_loss(rows: list[dict]) -> float | None:
+    return next((r["eval_loss"] for r in rows if r["baseline"] and _finite(r["eval_loss"])), None)
+
+
+def quality_vs_cost(rows: list[dict]):
+    """Eval loss (y) against trainable parameters (x, log scale): what each configuration buys."""
+    fig, ax = _figure("Quality against cost")
+    done, colour = finished(rows), colours([r["trial_id"] for r in rows])
+    for i, r in enumerate(done):
+        ax.scatter([r["trainable_params"]], [r["eval_loss"]], marker=BIT_MARKERS.get(r["bits"], "D"), s=90,
+                   color=colour[r["trial_id"]], edgecolors="black" if r["best"] else "none", linewidths=1.5,
+                   label=r["trial_id"], zorder=3)
+        if len(done) <= 15:  # labels alternate above and below: same-size trials sit on one vertical
+            ax.annotate(r["trial_id"] + (" *" if r["best"] else ""), (r["trainable_params"], r["eval_loss"]),
+                        textcoords="offset points", xytext=(8, 6 if i % 2 else -12), fontsize=8)
+    if (base := base_loss(rows)) is not None:
+        ax.axhline(base, color="grey", linestyle="--", label=f"base (no adapter): {base:.4f}")
+    if done:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.12)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.set_xlabel("parameters updated (log scale)")
+    ax.set_ylabel("eval loss (held-out test split)")
+    from matplotlib.lines import Line2D
+
+    shapes = [Line2D([], [], marker=m, linestyle="", color="black", label=f"{b}-bit base")
+              for b, m in BIT_MARKERS.items() if any(r["bits"] == b for r in done)]
+    ax.legend(handles=shapes + [h for h in ax.get_lines() if h.get_label().startswith("base")], loc="best",
+              fontsize=8)
+    return fig
+
+
+def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Each trial's training and eval losses by step, from Ray Tune's per-trial result log (every report
+    a trial made, across restarts; a repeated step keeps its latest value)."""
+    curves = {}
+    for name in names:
+        train, evals = {}, {}
+        path = out / sweepdir.TUNE_DIR / name / "result.json"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                rep = json.loads(line)
+            except ValueError:  # a line cut short by a killed driver
+                continue
+            if rep.get(REPORT_KIND) == StepReport.KIND and _finite(rep.get("loss")):
+                train[rep["step"]] = rep["loss"]
+            elif rep.get(REPORT_KIND) == TrialResult.KIND and _finite(rep.get("eval_loss")):
+                evals[rep["train_steps"]] = rep["eval_loss"]
+            elif _finite(rep.get("eval_loss")) and "step" in rep:  # a periodic held-out evaluation
+                evals[rep["step"]] = rep["eval_loss"]
+        curves[name] = {"train": sorted(train.items()), "eval": sorted(evals.items())}
+    return curves
+
+
+def loss_curves(curves: dict[str, dict], rows: list[dict]):
+    """Training loss (lines) and eval loss (markers, joined when there are several) by optimizer step."""
+    fig, ax = _figure("Training and eval loss")
+    colour = colours([r["trial_id"] for r in rows])
+    for r in rows:
+        c = curves.get(r["trial_id"], {})
+        if r["baseline"] or not c.get("train"):
+            continue
+        steps, losses = zip(*c["train"])
+        ax.plot(steps, losses, color=colour[r["trial_id"]], label=f"{r['trial_id']} train")
+        if c.get("eval"):
+            steps, losses = zip(*c["eval"])
+            ax.plot(steps, losses, color=colour[r["trial_id"]], linestyle=":", marker="o",
+                    label=f"{r['trial_id']} eval")
+    if (base := base_loss(rows)) is not None:
+        ax.axhline(base, color="grey", linestyle="--", label=f"base eval loss: {base:.4f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="best", fontsize=8, ncol=2)
+    return fig
+
+
+def search_history(rows: list[dict], order: list[str]):
+    """Eval loss of each finished trial in the order it finished (``order``), and the best so far."""
+    fig, ax = _figure("Search history")
+    by_name = {r["trial_id"]: r for r in finished(rows)}
+    done = [by_name[n] for n in order if n in by_name]
+    xs, ys = list(range(1, len(done) + 1)), [r["eval_loss"] for r in done]
+    ax.scatter(xs, ys, color="tab:blue", label="trial", zorder=3)
+    best = [min(ys[: i + 1]) for i in range(len(ys))]
+    ax.plot(xs, best, color="tab:red", drawstyle="steps-post", label="best so far")
+    if (base := base_loss(rows)) is not None:
+        ax.axhline(base, color="grey", linestyle="--", label=f"base: {base:.4f}")
+    ax.set_xlabel("trials finished")
+    ax.set_ylabel("eval loss")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def varied_settings(rows: list[dict], configs: dict[str, dict]) -> dict[str, list]:
+    """Setting -> its value in each finished trial, for the settings that differ between them."""
+    done = [configs[r["trial_id"]] for r in finished(rows)]
+    out = {}
+    for key in sorted(set().union(*done) - NOT_AXES) if done else ():
+        values = [c.get(key) for c in done]
+        values = [",".join(v) if isinstance(v, (list, tuple)) else v for v in values]
+        if len({json.dumps(v) for v in values}) > 1:
+            out[key] = values
+    return out
+
+
+def importances(rows: list[dict], configs: dict[str, dict]) -> dict[str, float]:
+    """Optuna's fANOVA importance of each varied setting for eval loss (the finished trials as a study)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = varied_settings(rows, configs)
+    dists = {k: FloatDistribution(min(v), max(v), log=min(v) > 0 and max(v) / min(v) >= 10)
+             if all(_finite(x) for x in v) else CategoricalDistribution(sorted({str(x) for x in v}))
+             for k, v in settings.items()}
+    study = optuna.create_study()
+    for i, r in enumerate(finished(rows)):
+        params = {k: float(v[i]) if isinstance(dists[k], FloatDistribution) else str(v[i])
+                  for k, v in settings.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["eval_loss"]))
+    return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def param_importance(scores: dict[str, float]):
+    fig, ax = _figure("Parameter importance for eval loss (fANOVA)")
+    names = list(scores)[::-1]  # most important on top
+    ax.barh(names, [scores[n] for n in names], color="tab:blue")
+    ax.set_xlabel("share of eval loss variance explained")
+    return fig
+
+
+def write_plots(out: Path, rows: list[dict], configs: dict[str, dict] | None = None, *, search: bool = False,
+                order: list[str] | None = None) -> dict[str, Path]:
+    """Every plot that has data, as DIR/plots/<name>.png; returns name -> path. ``search``: the sweep was a
+    search (issue 10), so its history and (with two or more varied settings over four or more finished
+    trials) the settings' importance are plotted too."""
+    figures = {"quality_vs_cost": quality_vs_cost(rows),
+               "loss_curves": loss_curves(read_curves(out, [r["trial_id"] for r in rows]), rows)}
+    if search and len(finished(rows)) >= 2:
+        figures["search_history"] = search_history(rows, order or [r["trial_id"] for r in rows])
+        if configs and len(finished(rows)) >= 4 and len(varied_settings(rows, configs)) >= 2:
+            figures["param_importance"] = param_importance(importances(rows, configs))
+    (out / PLOTS_DIR).mkdir(exist_ok=True)
+    paths = {}
+    for name, fig in figures.items():
+        paths[name] = out / PLOTS_DIR / f"{name}.png"
+        fig.savefig(paths[name], dpi=DPI, metadata={"Software": None})  # no version string: same data, same bytes
+    return paths
