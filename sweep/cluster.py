@@ -24,17 +24,21 @@ def check_address(address: str | None) -> None:
         raise UserError(f"Ray address {address} is unreachable ({getattr(e, 'strerror', None) or e})") from None
 
 
-def start_ray(address: str | None, dashboard_host: str) -> None:
-    """Connect to ``address``, or start a Ray of our own on this machine, and print the dashboard URL."""
+def start_ray(address: str | None, dashboard_host: str, verbose: bool = False) -> None:
+    """Connect to ``address``, or start a Ray of our own on this machine, and print the dashboard URL.
+    Workers' output reaches the driver's console only with -v (``verbose``); trials write their own log
+    files either way (``trainers/entry.py``)."""
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, the legacy engine prints nothing (the new one
+    # still prints its start box and a TensorBoard hint); our console reports progress
     try:
         if address:
-            ctx = ray.init(address=address, log_to_driver=True)
+            ctx = ray.init(address=address, log_to_driver=verbose)
         else:
-            ctx = ray.init(include_dashboard=dashboard_available(), dashboard_host=dashboard_host, log_to_driver=True)
+            ctx = ray.init(include_dashboard=dashboard_available(), dashboard_host=dashboard_host,
+                           log_to_driver=verbose)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
     url = getattr(ctx, "dashboard_url", None)

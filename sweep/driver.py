@@ -35,6 +35,7 @@ class SweepOptions:
     max_failures: int = 1
     resume: bool = False
     fresh: bool = False
+    verbose: bool = False
 
 
 def plan_sweep(opts: SweepOptions, *, for_training: bool):
@@ -64,6 +65,7 @@ def run_sweep(opts: SweepOptions) -> int:
     import ray
 
     from sweep import cluster
+    from sweep.console import DriverLogs
 
     name, planned = plan_sweep(opts, for_training=True)
     if opts.gpus_per_trial != "auto" and not (0 < opts.gpus_per_trial < math.inf):
@@ -76,7 +78,8 @@ def run_sweep(opts: SweepOptions) -> int:
     manifest = sweepdir.existing_manifest(out, fingerprint, fresh=opts.fresh, resume=opts.resume)
     cluster.check_address(opts.address)
 
-    cluster.start_ray(opts.address, opts.dashboard_host)
+    logs = DriverLogs(opts.verbose)  # from here on Ray's and MLflow's notes go to DIR/logs/driver.log
+    cluster.start_ray(opts.address, opts.dashboard_host, verbose=opts.verbose)
     try:
         shares = cluster.gpu_shares(planned, opts.gpus_per_trial)
         cluster.check_resources(planned, shares)
@@ -84,6 +87,7 @@ def run_sweep(opts: SweepOptions) -> int:
             sweepdir.move_aside(out)
             manifest = None
         sweepdir.prepare(out)
+        logs.to_file(out)
         if manifest is None:
             manifest = sweepdir.new_manifest(out, name=name, space=str(opts.space), fingerprint=fingerprint,
                                              mlflow_uri=redact(tracking_uri(opts.mlflow_uri)))
@@ -109,25 +113,56 @@ def open_tracker(opts: SweepOptions, manifest: dict, out: Path, planned) -> MLfl
 
 
 def execute(opts: SweepOptions, manifest: dict, out: Path, planned, shares: dict[str, float]) -> int:
+    from sweep import console
     from sweep.callbacks import TrialEvents
-    from sweep.summary import write_reports
     from sweep.tuner import build_tuner, collect
 
     tracker = open_tracker(opts, manifest, out, planned)
     if shares:
         print("GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items()), flush=True)
-    tuner = build_tuner(out, planned, shares=shares, max_failures=opts.max_failures,
-                        callbacks=[TrialEvents(str(out), tracker)])
-    outcomes = collect(tuner.fit(), out)
-    rows, md = write_reports(out, planned, outcomes, title=f"Sweep {manifest['name']}", metric=opts.metric,
-                             max_new_tokens=planned[0].cfg.max_new_tokens)
-    failed = any(r["status"] != sweepdir.TERMINATED for r in rows)
-    tracker.finish(out, rows, failed)
-    print("\n" + md + f"\nresults: {out}  (summary.md, samples.md, summary.csv, trials/<id>/adapter)\n"
-          f"compare in MLflow: mlflow ui --backend-store-uri {manifest['mlflow_uri']}", flush=True)
+    live = console.Console(console.new_progress(manifest, out, planned, opts.metric), out, verbose=opts.verbose)
+    print(f"sweep {manifest['name']}: {len(planned)} trial(s); their output goes to {out / sweepdir.LOGS_DIR}/",
+          flush=True)
+    console.activate(live)
+    try:
+        tuner = build_tuner(out, planned, shares=shares, max_failures=opts.max_failures,
+                            callbacks=[TrialEvents(str(out), tracker)])
+        outcomes = collect(tuner.fit(), out)
+    finally:
+        console.activate(None)
+        live.clear()  # an exception must not leave the live block on the terminal
+    live.close(outcomes)
+    rows = write_results(opts, manifest, out, planned, outcomes, tracker)
     for r in rows:
         if r["status"] == sweepdir.ERROR:
             print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
     if any(r["status"] in (sweepdir.INTERRUPTED, sweepdir.NOT_RUN) for r in rows):
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if sweepdir.sweep_failed(r["status"] for r in rows) else 0
+
+
+def write_results(opts: SweepOptions, manifest: dict, out: Path, planned, outcomes,
+                  tracker: MLflowTracker) -> list[dict]:
+    """The table, samples, plots and report.html in the sweep directory and on the parent MLflow run."""
+    from sweep.plots import write_plots
+    from sweep.report import write_report
+    from sweep.summary import write_reports
+
+    rows, md = write_reports(out, planned, outcomes, title=f"Sweep {manifest['name']}", metric=opts.metric,
+                             max_new_tokens=planned[0].cfg.max_new_tokens)
+    plots = write_plots(out, rows, {p.cfg.name: p.cfg.to_dict() for p in planned})
+    write_report(out, manifest, planned, rows, plots, metric=opts.metric)
+    tracker.finish(out, rows, sweepdir.sweep_failed(r["status"] for r in rows))
+    print("\n" + md + f"\nreport: {out / 'report.html'}  (the table, plots, generations side by side; opens from disk)"
+          f"\nresults: {out}  (summary.md, samples.md, summary.csv, plots/, trials/<id>/adapter, logs/)"
+          f"\ncompare in MLflow: {mlflow_hint(manifest['mlflow_uri'], tracker.experiment_id)}", flush=True)
+    return rows
+
+
+def mlflow_hint(uri: str, experiment_id: str) -> str:
+    """Where the sweep's runs open: MLflow 3.17's UI shows the GenAI trace overview unless the URL (or its
+    GenAI / Model training switch) asks for the runs. ``uri`` is the redacted one."""
+    runs = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{runs}"
+    return f"mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{runs}"

@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="move an existing sweep directory aside (DIR.old-<time>) and start over; nothing is deleted")
     p.add_argument("--dry-run", action="store_true", help="print the trials with exact parameter counts and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show everything: trial output, library warnings and Ray's and MLflow's logs, as they come "
+                        "(by default they go to DIR/logs/ and the console shows progress only)")
     return p.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         space=args.space, sets=tuple(args.set), output=args.output, name=args.name, address=args.address,
         gpus_per_trial=args.gpus_per_trial, mlflow_uri=args.mlflow_uri, dashboard_host=args.dashboard_host,
         baseline=not args.no_baseline, metric=args.metric, max_failures=args.max_failures, resume=args.resume,
-        fresh=args.fresh,
+        fresh=args.fresh, verbose=args.verbose,
     )
 
 

@@ -17,12 +17,13 @@ def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: i
     trials stay finished, the others continue from their checkpoints."""
     from ray import tune
 
-    from trainers.trial import tune_trainable
+    from trainers.entry import LOG_DIR_KEY, tune_trainable
 
     tune_dir = out / sweepdir.TUNE_DIR
     trainable = tune.with_resources(tune_trainable, trial_resources(shares))
     params = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0)} for p in planned]
-    param_space = {"trial": tune.grid_search(params), "tune_dir": str(tune_dir)}
+    param_space = {"trial": tune.grid_search(params), "tune_dir": str(tune_dir),
+                   LOG_DIR_KEY: str(out / sweepdir.LOGS_DIR)}
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space)
@@ -32,7 +33,8 @@ def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: i
         param_space=param_space,
         tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=sweepdir.TUNE_DIR, storage_path=str(out), callbacks=callbacks, verbose=1,
+            # verbose=0: our console (sweep/console.py) reports progress; Tune's tables would repeat it
+            name=sweepdir.TUNE_DIR, storage_path=str(out), callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             # Keep every checkpoint: with num_to_keep, Ray restored from a stale snapshot deletes checkpoints
             # it remembers and fails on ones already gone; trial checkpoints are adapter-sized anyway.

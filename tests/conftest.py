@@ -68,3 +68,22 @@ def make_result(**values):
                     train_steps=10, train_examples=90, test_examples=10, bnb_layers=0, dataset_fingerprint="0" * 16,
                     bnb_layer_type="none", device_name="cpu", gpu_uuid="", resumed_from_step=0, train_started_at=0.0)
     return TrialResult(**{**defaults, **values})
+
+
+def chromium():
+    """Debian's headless Chromium through Selenium (``.ci/run`` installs both); the test is skipped, with
+    the reason, only where they could not be installed."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed here (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,2200"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, errors included
+    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))

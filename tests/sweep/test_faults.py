@@ -105,6 +105,15 @@ def test_kill_driver_edit_space_truncate_checkpoint_then_resume(tmp_path, model_
     (tmp_path / "out" / "trials").mkdir(exist_ok=True)  # not there yet: the driver copies results at the end
     before = tree_digest(tmp_path / "out")
 
+    # sweep.status reads the killed sweep from its directory alone, and touches nothing (checked below)
+    seen = subprocess.run([sys.executable, "-m", "sweep.status", str(tmp_path / "out")], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert seen.returncode == 1, seen.stderr
+    assert "not running: its driver" in seen.stdout.splitlines()[0]
+    statuses = {ln.split()[0]: ln.split()[1] for ln in seen.stdout.splitlines() if ln.startswith("  ")}
+    assert statuses == {"a": "TERMINATED", "b": "INTERRUPTED"}
+    assert f"(log: {tmp_path / 'out' / 'logs' / 'b.log'})" in seen.stdout
+
     # the space file changed since the sweep started: refused, nothing touched
     write_space(tmp_path, lr=1e-3)
     refused = finish(tmp_path)

@@ -3,13 +3,17 @@
 import csv
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 from safetensors.torch import load_file
 
 from sweep.summary import CSV_COLUMNS
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, chromium, read_csv, run_cli
 
 pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
 
@@ -28,7 +32,9 @@ EXPECTED = {
 def sweep(tmp_path_factory, model_cache):
     work = tmp_path_factory.mktemp("smoke")
     start = time.monotonic()
-    proc = run_cli(REPO / "search_spaces" / "smoke.py", "--mlflow-uri", f"sqlite:///{work}/mlflow.db", cwd=work)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # several samples even in these short trials
+        proc = run_cli(REPO / "search_spaces" / "smoke.py", "--mlflow-uri", f"sqlite:///{work}/mlflow.db", cwd=work)
     seconds = time.monotonic() - start
     print(f"smoke sweep wall time: {seconds:.1f}s")
     return {"proc": proc, "dir": work / "sweeps" / "smoke", "uri": f"sqlite:///{work}/mlflow.db", "seconds": seconds}
@@ -139,3 +145,99 @@ def test_mlflow_one_parent_four_children(sweep):
         assert len(history) == 19 and history[0].step == 1 and history[-1].step == 72
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"adapter", "generations.md", "generations.json"} <= artifacts
+
+
+def test_console_is_quiet_and_every_trial_ends_on_one_line(sweep):
+    """Output to a pipe, as in CI: a few dozen lines, one final line per trial, no worker noise; the noise
+    is in the per-trial logs instead."""
+    console = sweep["proc"].stdout + sweep["proc"].stderr
+    print(f"console lines: {len(console.splitlines())}")
+    assert len(console.splitlines()) <= 60
+    assert re.search(r"^\[\d+:\d\d\] base\s+TERMINATED\s+-\s+loss\s+-\s+eval\s+\d+\.\d{4}", console, re.M)
+    for name in EXPECTED:
+        assert re.search(rf"^\[\d+:\d\d\] {name}\s+TERMINATED\s+72/72\s+loss\s+\d+\.\d{{4}}\s+eval\s+\d+\.\d{{4}}\s+"
+                         rf"[\d.]+k? tok/s\s+cpu \d+%\s+took \d+:\d\d$", console, re.M), name
+    for noise in ("MatMul8bitLt", "Checkpoint successfully created", "FutureWarning", "UserWarning", "tensorboard",
+                  "Trial status", "Traceback", "INFO"):
+        assert noise not in console, noise
+    logs = sweep["dir"] / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == sorted([f"{n}.log" for n in ["base", *EXPECTED]] + ["driver.log"])
+    assert "MatMul8bitLt: inputs will be cast" in (logs / "r8-all_linear-8bit.log").read_text()
+    for name in EXPECTED:
+        text = (logs / f"{name}.log").read_text()
+        assert "Checkpoint successfully created" in text and "FutureWarning" in text, name
+    assert "Started a local Ray instance" in (logs / "driver.log").read_text()
+
+
+def test_plots_are_pngs_built_from_every_trial(sweep):
+    from PIL import Image
+
+    from sweep import plots
+    from sweep.progress import SweepProgress
+    from sweep.status import table
+
+    for name in ("quality_vs_cost", "loss_curves"):
+        with Image.open(sweep["dir"] / "plots" / f"{name}.png") as img:
+            assert (img.format, img.size) == ("PNG", (800, 500))
+    rows, _ = table(SweepProgress.read(sweep["dir"]))
+    csv_rows = read_csv(sweep["dir"] / "summary.csv")
+    curves = plots.read_curves(sweep["dir"], [r["trial_id"] for r in rows])
+    for name in EXPECTED:  # logging_steps=4 with the first step: 1, 4, 8, ..., 72
+        assert [s for s, _ in curves[name]["train"]] == [1, *range(4, 73, 4)]
+        assert curves[name]["eval"] == [(72, pytest.approx(float(csv_rows[name]["eval_loss"])))]
+    cost = plots.quality_vs_cost(rows).axes[0]
+    assert [c.get_label() for c in cost.collections] == list(EXPECTED)
+    labels = {ln.get_label() for ln in plots.loss_curves(curves, rows).axes[0].get_lines()}
+    assert labels == {f"{n} {k}" for n in EXPECTED for k in ("train", "eval")} | {
+        f"base eval loss: {float(csv_rows['base']['eval_loss']):.4f}"}
+
+
+def test_report_html_in_headless_chromium(sweep, tmp_path):
+    browser = chromium()
+    try:
+        browser.get((sweep["dir"] / "report.html").as_uri())
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        images = browser.execute_script(
+            "return [...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
+        first_cells = browser.execute_script(
+            "return [...document.querySelectorAll('#summary tbody tr')].map(r => r.cells[0].innerText)")
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        browser.quit()
+    print(f"report screenshot: {tmp_path / 'report.png'}")
+    assert errors == []
+    assert images == [["quality vs cost", True, 800, 500], ["loss curves", True, 800, 500]]
+    assert first_cells == ["base", "r8-attention-4bit", "r16-attention-4bit", "r8-all_linear-4bit *",
+                           "r8-all_linear-8bit"]
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_mlflow_compare_view_material(sweep):
+    """The experiment is marked as model training; the parent carries the table, plots and report; each
+    trial's run carries tokens/s and system metrics by step."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sweep["uri"])
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("lora_sweep.role") == "sweep")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary_table.json", "report.html", "plots"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/quality_vs_cost.png", "plots/loss_curves.png"}
+    for child in (r for r in runs if r.data.tags.get("lora_sweep.role") == "trial"):
+        run_id = child.info.run_id
+        rates = client.get_metric_history(run_id, "tokens_per_second")
+        assert len(rates) == 19 and all(m.value > 0 for m in rates)
+        cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+        assert len(cpu) >= 2 and all(0 <= m.value <= 100 and 1 <= m.step <= 72 for m in cpu), child.info.run_name
+        assert client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+
+
+def test_status_of_the_finished_sweep(sweep):
+    proc = subprocess.run([sys.executable, "-m", "sweep.status", str(sweep["dir"])], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    statuses = {ln.split()[0]: ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("  ")}
+    assert statuses == {n: "TERMINATED" for n in ["base", *EXPECTED]}
+    assert "finished" in proc.stdout.splitlines()[0] and "| r8-all_linear-4bit * |" in proc.stdout
