@@ -78,7 +78,7 @@ def quality_vs_cost(rows: list[dict]):
         ax.set_xscale("log")
         ax.margins(x=0.25, y=0.12)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: _minor_label(x, ax.get_xlim())))
     ax.set_xlabel("parameters updated (log scale)")
     ax.set_ylabel("eval loss (held-out test split)")
     from matplotlib.lines import Line2D
@@ -88,6 +88,11 @@ def quality_vs_cost(rows: list[dict]):
     ax.legend(handles=shapes + [h for h in ax.get_lines() if h.get_label().startswith("base")], loc="best",
               fontsize=8)
     return fig
+
+
+def _minor_label(x: float, xlim: tuple[float, float]) -> str:
+    """2s and 5s between the powers of ten, on axes short enough (under two decades) to have room."""
+    return f"{x:,.0f}" if xlim[1] / max(xlim[0], 1e-9) < 100 and f"{x:.0e}"[0] in "25" else ""
 
 
 def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
