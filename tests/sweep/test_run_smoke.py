@@ -162,10 +162,12 @@ def test_console_is_quiet_and_every_trial_ends_on_one_line(sweep):
         assert noise not in console, noise
     logs = sweep["dir"] / "logs"
     assert sorted(p.name for p in logs.iterdir()) == sorted([f"{n}.log" for n in ["base", *EXPECTED]] + ["driver.log"])
-    assert "MatMul8bitLt: inputs will be cast" in (logs / "r8-all_linear-8bit.log").read_text()
-    for name in EXPECTED:
+    for name in ["base", *EXPECTED]:  # Ray's checkpoint notes, library warnings, import-time messages
         text = (logs / f"{name}.log").read_text()
         assert "Checkpoint successfully created" in text and "FutureWarning" in text, name
+        assert "Failed to load CPU gemm_4bit_forward" in text, name  # printed while the trial's imports ran
+        if "all_linear" in name:
+            assert "UserWarning: Setting `save_embedding_layers`" in text, name
     assert "Started a local Ray instance" in (logs / "driver.log").read_text()
 
 
