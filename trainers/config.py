@@ -1,5 +1,6 @@
-"""The contract between the driver and one trial: what crosses in (``TrialConfig``), what comes back
-(``StepReport``, ``CheckpointReport``, ``TrialResult``) and the files a trial leaves behind.
+"""The contract between the driver and one trial: what crosses in (``TrialConfig``, and how a Ray Tune
+config becomes one), what comes back (``StepReport``, ``EvalReport``, ``CheckpointReport``, ``TrialResult``)
+and the files a trial leaves behind.
 
 This module is the bottom of the project: ``sweep/`` and ``trainers/`` import it, it imports nothing
 of ours (and neither torch nor Ray), so validation and ``--dry-run`` stay fast.
@@ -16,6 +17,7 @@ from typing import Any, Literal, Union
 
 TARGET_PRESETS = ("attention", "all_linear")
 BITS = (4, 8, 16)
+ALPHA_RULES = ("fixed", "r", "2r", "rslora")
 Targets = Union[str, tuple[str, ...]]
 
 # What a trial leaves in its result directory (reported to Ray Tune as its final checkpoint).
@@ -25,6 +27,11 @@ GENERATIONS_JSON = "generations.json"
 GENERATIONS_MD = "generations.md"
 CONFIG_FILE = "config.json"
 RESULT_FILES = (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE, CONFIG_FILE)
+
+
+def perplexity(eval_loss: float) -> float:
+    """exp(eval loss), capped so a diverged trial's table row stays a number."""
+    return math.exp(min(eval_loss, 50.0))
 
 
 def is_quantized(bits: int) -> bool:
@@ -53,6 +60,9 @@ class Settings:
     device: Literal["cuda", "cpu"] = "cuda"
     """``cuda``: each trial gets its own GPU(s) through Ray. ``cpu``: trials request CPUs only."""
     lora_alpha: float = 8
+    alpha_rule: Literal["fixed", "r", "2r", "rslora"] = "fixed"
+    """How lora_alpha follows r: ``fixed`` (scaling alpha/r), ``r`` or ``2r`` (alpha set to r or 2r, scaling 1
+    or 2), ``rslora`` (alpha fixed, scaling alpha/sqrt(r): rank-stabilized LoRA, PEFT's use_rslora)."""
     lora_dropout: float = 0.05
     learning_rate: float = 2e-4
     epochs: float = 3
@@ -73,6 +83,9 @@ class Settings:
     checkpoint_every: int = 50
     """Optimizer steps between trial checkpoints (adapter, optimizer, scheduler, RNG, step): an
     interrupted trial resumes from its latest one instead of step 0."""
+    eval_every: int = 0
+    """Optimizer steps between held-out evals during training, each reported to Ray Tune (what early stopping
+    reads) with a checkpoint holding the adapter of that step, and streamed to MLflow. 0: only the final eval."""
     trust_remote_code: bool = False
     """Off unless a space turns it on: remote code runs with the trial's permissions."""
     trainer: Literal["fast", "reference"] = "fast"
@@ -130,6 +143,7 @@ class TrialConfig(Settings):
         check("trainer", self.trainer in ("fast", "reference"), "must be 'fast' or 'reference'")
         check("max_steps", _is_int(self.max_steps) and self.max_steps >= 0, "must be an integer >= 0")
         check("lora_alpha", _is_num(self.lora_alpha) and self.lora_alpha > 0, "must be a positive number")
+        check("alpha_rule", self.alpha_rule in ALPHA_RULES, "must be one of " + ", ".join(ALPHA_RULES))
         check("lora_dropout", _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
         check("learning_rate", _is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
         check("epochs", _is_num(self.epochs) and self.epochs > 0, "must be a positive number")
@@ -139,15 +153,29 @@ class TrialConfig(Settings):
             check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "must be an integer >= 1")
         check("max_seq_length", _is_int(self.max_seq_length) and self.max_seq_length >= 16, "must be an integer >= 16")
         check("train_samples", _is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
-        check("heldout_prompts", _is_int(self.heldout_prompts) and self.heldout_prompts >= 0, "must be an integer >= 0")
+        for name in ("heldout_prompts", "eval_every"):
+            check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "must be an integer >= 0")
         check("seed", _is_int(self.seed), "must be an integer")
         for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
         return out
 
+    @classmethod
+    def build(cls, *, name: str, index: int, **values) -> "TrialConfig":
+        """The one way a config is made from a space's values: ``alpha_rule`` r / 2r sets lora_alpha here, so
+        the config, its fingerprint, MLflow and the table all carry the alpha the adapter really uses."""
+        rule, r = values.get("alpha_rule", "fixed"), values.get("r")
+        if rule in ("r", "2r") and _is_int(r):
+            values = {**values, "lora_alpha": r if rule == "r" else 2 * r}
+        return cls(name=name, index=index, **values)
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.alpha_rule == "rslora"
+
     @property
     def targets_label(self) -> str:
-        return self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+        return targets_label(self.targets)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,6 +202,56 @@ class TrialConfig(Settings):
     def from_param(cls, param: dict) -> "TrialConfig":
         return cls.from_dict(param["config"])
 
+    @classmethod
+    def from_tune(cls, config: dict, trial_name: str) -> "TrialConfig":
+        """The config of the Ray Tune trial named ``trial_name`` whose config is ``config`` (see ``search_param``).
+
+        An explicit trial (a grid's) carries its whole config. A searched trial carries the shared settings
+        under ``trial`` and the searcher's values under ``point``; its name, made by the driver when Tune
+        created the trial, carries its sample number. The trainable and the driver's callbacks both call this,
+        so both see the same config and fingerprint."""
+        entry = config[TUNE_TRIAL]
+        if "name" in entry:
+            return cls.from_param(entry)
+        values = {**entry["config"], **config[TUNE_POINT]}
+        label = targets_label(values["targets"])
+        values.update(targets=targets_from_label(label), target_modules=tuple(entry["modules"][label]))
+        return cls.build(name=trial_name, index=sample_number(trial_name), **values)
+
+
+# ---- how a searched trial is named and found in Ray Tune's config ---------------------------------------
+
+TUNE_TRIAL, TUNE_POINT = "trial", "point"
+"""Keys of a Ray Tune trial config: the shared (or, for an explicit trial, whole) config, and a search's values."""
+
+
+def targets_label(targets: Targets) -> str:
+    """A preset's name or the module names joined by commas: the form a searcher samples (Optuna's
+    categorical choices must be plain strings) and --set accepts."""
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def targets_from_label(label: str) -> Targets:
+    return label if label in TARGET_PRESETS else tuple(label.split(","))
+
+
+def trial_name(values: dict, number: int | None = None) -> str:
+    """Readable trial names: ``r8-attention-4bit``; a search's samples are numbered, ``s003-r8-attention-4bit``."""
+    label = values["targets"] if values["targets"] in TARGET_PRESETS else "custom"
+    name = f"r{values['r']}-{label}-{values['bits']}bit"
+    return name if number is None else f"s{number:03d}-{name}"
+
+
+def sample_number(name: str) -> int:
+    """The sample number ``trial_name`` put in a searched trial's name."""
+    return int(name.split("-", 1)[0].removeprefix("s"))
+
+
+def search_param(shared: dict, modules: dict[str, tuple[str, ...]]) -> dict:
+    """The ``trial`` entry every trial of a search shares: the settings its searcher does not set, and the
+    target modules each ``targets`` choice resolved to on the model (the driver's plan step)."""
+    return {"config": shared, "modules": {label: list(m) for label, m in modules.items()}}
+
 
 # ---- what a trial reports -------------------------------------------------------------------------
 
@@ -181,8 +259,22 @@ REPORT_KIND = "report"
 """Key in every dict a trial hands ``tune.report``: which of the report types below it is."""
 
 
+class _Report:
+    """A report sent as a dict of its fields, tagged with its kind."""
+
+    KIND = ""
+
+    def to_report(self) -> dict:
+        return {REPORT_KIND: self.KIND, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_report(cls, d: dict):
+        """Fields missing from ``d`` (a report from an older version) take their defaults."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
 @dataclass(frozen=True)
-class StepReport:
+class StepReport(_Report):
     """A logged training step: the driver streams these to MLflow as step metrics and to the console."""
 
     KIND = "step"
@@ -198,12 +290,21 @@ class StepReport:
     """Mean system metrics sampled since the previous report, named as MLflow's system metrics
     (``cpu_utilization_percentage``, ``gpu_0_utilization_percentage``, ...); empty when none were taken."""
 
-    def to_report(self) -> dict:
-        return {REPORT_KIND: self.KIND, **dataclasses.asdict(self)}
 
-    @classmethod
-    def from_report(cls, d: dict) -> "StepReport":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+SCHEDULE_METRIC, SCHEDULE_TIME = "eval_loss", "train_steps"
+"""What early stopping and the searchers read: the held-out loss at an optimizer step. Both EvalReport and
+TrialResult carry these two keys, and no other report does: Ray's schedulers skip results without them."""
+
+
+@dataclass(frozen=True)
+class EvalReport(_Report):
+    """A held-out eval during training (every ``eval_every`` steps), sent with the checkpoint of that step:
+    a trial that early stopping ends here keeps this eval loss and this adapter."""
+
+    KIND = "eval"
+    train_steps: int
+    epoch: float
+    eval_loss: float
 
 
 @dataclass(frozen=True)

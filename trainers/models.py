@@ -142,6 +142,7 @@ def lora_config(cfg):
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,  # scaling alpha/sqrt(r) instead of alpha/r
         target_modules=list(cfg.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
