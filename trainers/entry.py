@@ -52,7 +52,7 @@ def tune_trainable(config: dict) -> None:
     log_dir = config.get(LOG_DIR_KEY)
     if not log_dir:
         return _run(config)
-    name = config["trial"]["name"]
+    name = config["trial"].get("name") or _tune_trial_name()
     with output_to(log_path(log_dir, name)):
         print(f"==== trial {name}: process {os.getpid()} started {_now()} ====", flush=True)
         try:
@@ -62,6 +62,13 @@ def tune_trainable(config: dict) -> None:
             raise
         finally:
             print(f"==== trial {name}: process {os.getpid()} ended {_now()} ====", flush=True)
+
+
+def _tune_trial_name() -> str:
+    """A searched trial's name: the driver gave it when Tune created the trial, not in its config."""
+    from ray import tune
+
+    return tune.get_context().get_trial_name()
 
 
 def _now() -> str:

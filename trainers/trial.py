@@ -8,7 +8,6 @@ trainable the driver schedules, one GPU-pinned process per trial.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -23,7 +22,8 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             METRICS_FILE, CheckpointReport, StepReport, TrialConfig, TrialResult, is_quantized)
+                             METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult,
+                             is_quantized, perplexity)
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
 from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config
@@ -31,16 +31,51 @@ from trainers.sft import make_trainer, tokenize
 from trainers.sysmetrics import SystemSampler
 
 Report = Callable[[dict], None]  # tune.report, or a test's list.append
+OnCheckpoint = Callable[[Path, int, "EvalReport | None"], None]
+
+
+class PeriodicEval(TrainerCallback):
+    """The held-out loss every ``every`` optimizer steps (not at the last one: the final eval follows), for
+    early stopping. With checkpoints on, it has the Trainer save at that step and the eval travels with that
+    checkpoint (``CheckpointReporter``), so a trial stopped on it keeps the adapter it was judged by."""
+
+    def __init__(self, every: int, report: Report, evaluate: Callable[[], float], checkpointing: bool):
+        self.every, self.report, self.evaluate, self.checkpointing = every, report, evaluate, checkpointing
+        self.pending: EvalReport | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.every or step >= state.max_steps:
+            return
+        self.pending = EvalReport(train_steps=step, epoch=float(state.epoch or 0.0), eval_loss=self.evaluate())
+        if self.checkpointing:
+            control.should_save = True
+        else:
+            self.report(self.pending.to_report())
+            self.pending = None
+
+    def take(self, step: int) -> EvalReport | None:
+        """The eval made at ``step``, once: it is sent with that step's checkpoint."""
+        pending, self.pending = self.pending, None
+        return pending if pending is not None and pending.train_steps == step else None
 
 
 class CheckpointReporter(TrainerCallback):
-    """Hands every checkpoint the Trainer writes (adapter, optimizer, scheduler, RNG, step) to the driver."""
+    """Hands every checkpoint the Trainer writes (adapter, optimizer, scheduler, RNG, step) to the driver,
+    with the held-out eval of that step if one was made; such a checkpoint also gets the adapter alone in
+    ``adapter/`` (LoRA factors only), laid out like a finished trial's, for the table, MLflow and export."""
 
-    def __init__(self, on_checkpoint: Callable[[Path, int], None]):
-        self.on_checkpoint = on_checkpoint
+    def __init__(self, on_checkpoint: OnCheckpoint, evals: PeriodicEval | None = None):
+        self.on_checkpoint, self.evals = on_checkpoint, evals
 
-    def on_save(self, args, state, control, **kwargs):
-        self.on_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        evaluated = self.evals.take(state.global_step) if self.evals else None
+        if evaluated is not None and model is not None:
+            model.save_pretrained(path / ADAPTER_DIR, save_embedding_layers=False)
+            if processing_class is not None:  # export loads the tokenizer from beside the adapter
+                processing_class.save_pretrained(path / ADAPTER_DIR)
+        self.on_checkpoint(path, state.global_step, evaluated)
 
 
 class StepReporter(TrainerCallback):
@@ -133,10 +168,13 @@ def setup(cfg: TrialConfig) -> Setup:
 
 
 def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from: Path | None, resume_step: int,
-          on_checkpoint: Callable[[Path, int], None] | None, sampler: SystemSampler | None = None) -> Training:
-    """4. train (the baseline only builds the trainer, which evaluation reuses)."""
+          on_checkpoint: OnCheckpoint | None, evaluate: Callable[[], float],
+          sampler: SystemSampler | None = None) -> Training:
+    """4. train, with ``evaluate`` (the held-out loss) every ``eval_every`` steps (the baseline trains nothing)."""
     steps = StepReporter(report, sampler)
-    callbacks = [steps] + ([CheckpointReporter(on_checkpoint)] if on_checkpoint else []) + faults.injectors(cfg.name)
+    evals = PeriodicEval(cfg.eval_every, report, evaluate, on_checkpoint is not None) if cfg.eval_every else None
+    callbacks = [steps, *([evals] if evals else []), *([CheckpointReporter(on_checkpoint, evals)] if on_checkpoint
+                                                      else []), *faults.injectors(cfg.name)]
     trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
                            checkpoints=on_checkpoint is not None)
     steps.tokens = lambda: trainer.real_tokens
@@ -162,13 +200,13 @@ def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> 
 
 
 def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
-              resume_step: int = 0, on_checkpoint: Callable[[Path, int], None] | None = None,
+              resume_step: int = 0, on_checkpoint: OnCheckpoint | None = None,
               sampler: SystemSampler | None = None) -> TrialResult:
     """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir.
 
     ``resume_from`` is a Trainer checkpoint (of ``resume_step``) to continue from; ``on_checkpoint``
-    receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps; ``sampler``'s
-    system metrics ride along with each step report.
+    receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps, and at every periodic
+    eval with that eval; ``sampler``'s system metrics ride along with each step report.
     """
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -181,12 +219,17 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
 
     clock = time.perf_counter()
     s = setup(cfg)
-    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint, sampler)
+    test_ids = tokenize(s.splits["test"], s.tokenizer, cfg.max_seq_length)["input_ids"]
+
+    def evaluate() -> float:  # during training (every eval_every steps) and after it: one held-out loss
+        return heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device).mean
+
+    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint, evaluate,
+              sampler)
     setup_seconds = time.perf_counter() - clock - t.seconds  # data, base, adapter, trainer
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     clock = time.perf_counter()
-    test_ids = tokenize(s.splits["test"], s.tokenizer, cfg.max_seq_length)["input_ids"]
-    eval_loss = heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device).mean
+    eval_loss = evaluate()
     eval_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
                            cfg.max_new_tokens)
@@ -194,7 +237,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     save(cfg, s, out_dir, generations)
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
-        eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50.0)), setup_seconds=setup_seconds,
+        eval_loss=eval_loss, perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
         train_seconds=t.seconds, eval_seconds=eval_seconds, generate_seconds=generate_seconds, train_tokens=t.tokens,
         train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -232,21 +275,24 @@ def tune_trainable(config: dict) -> None:
     # Every step has its own token count: without expandable segments the caching allocator fragments
     # and holds about twice the peak (seen on an H200: 41-46 GiB held for a 23-27 GiB peak).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    cfg = TrialConfig.from_param(config["trial"])
+    cfg = TrialConfig.from_tune(config, tune.get_context().get_trial_name())
+    fp = cfg.fingerprint
     limit_gpu_memory(config["trial"].get("gpu_share", 0.0))
     trial_dir = Path(config["tune_dir"]) / cfg.name
-    if (done := checkpoints.final_result(trial_dir)) is not None:
+    if (done := checkpoints.final_result(trial_dir, fp)) is not None:
         result = TrialResult.from_dict(json.loads((done / METRICS_FILE).read_text()))
         tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(done)))
         return
 
-    def on_checkpoint(path: Path, step: int) -> None:
-        checkpoints.seal(path, step=step, final=False)
-        tune.report(CheckpointReport(step).to_report(), checkpoint=tune.Checkpoint.from_directory(str(path)))
+    def on_checkpoint(path: Path, step: int, evaluated: EvalReport | None) -> None:
+        (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))  # export rebuilds a stopped trial
+        checkpoints.seal(path, step=step, final=False, fingerprint=fp, eval=evaluated and evaluated.to_report())
+        report = evaluated.to_report() if evaluated else CheckpointReport(step).to_report()
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(path)))
 
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as tmp:
         resume_from, resume_step = None, 0
-        if (point := checkpoints.resume_point(trial_dir)) is not None:
+        if (point := checkpoints.resume_point(trial_dir, fp)) is not None:
             resume_from = shutil.copytree(point[0], Path(tmp) / "resume")  # Ray may rewrite its copy
             resume_step = point[1]
         result_dir = Path(tmp) / "result"
@@ -257,5 +303,5 @@ def tune_trainable(config: dict) -> None:
         finally:
             sampler.stop()
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result
-        checkpoints.seal(result_dir, step=result.train_steps, final=True)
+        checkpoints.seal(result_dir, step=result.train_steps, final=True, fingerprint=fp)
         tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(result_dir)))
