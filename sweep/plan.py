@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
-from sweep.space import SpaceError, TrialConfig
+from sweep.search import SearchSpec, max_steps
+from sweep.space import Space, SpaceError, TrialConfig
 
 
 @dataclass(frozen=True)
@@ -70,21 +72,77 @@ def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
     return ALLOCATOR_HEADROOM * (base + adapter + max(0.0 if cfg.baseline else train, evaluation)) / 2**30
 
 
+@dataclass(frozen=True)
+class TargetShapes:
+    """What a search's ``targets`` choices resolved to on the model: module names, and trainable parameters
+    per unit of r (LoRA adds r x (in + out) per adapted layer, so counts are exactly linear in r)."""
+
+    modules: dict[str, tuple[str, ...]]
+    per_r: dict[str, int]
+    base_total: int
+
+    @classmethod
+    def from_corners(cls, corners: list[PlannedTrial]) -> "TargetShapes":
+        modules = {c.cfg.targets_label: c.cfg.target_modules for c in corners}
+        per_r = {c.cfg.targets_label: c.trainable_params // c.cfg.r for c in corners}
+        return cls(modules, per_r, corners[0].total_params - corners[0].trainable_params)
+
+    def planned(self, cfg: TrialConfig) -> PlannedTrial:
+        trainable = cfg.r * self.per_r[cfg.targets_label]
+        return PlannedTrial(cfg, trainable, self.base_total + trainable)
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep, checked and counted before anything starts."""
+
+    name: str
+    space: Space
+    planned: list[PlannedTrial]
+    """The explicit trials (the ``base`` row first unless turned off); for a search, only the base row:
+    its seeds and samples are planned as the searcher proposes them."""
+    spec: SearchSpec | None
+    shapes: TargetShapes | None
+    num_samples: int
+    fingerprint: str
+
+    @property
+    def explicit(self) -> list[PlannedTrial]:
+        return [p for p in self.planned if not p.cfg.baseline]
+
+    @property
+    def device(self) -> str:
+        return self.spec.fixed["device"] if self.spec else self.planned[0].cfg.device
+
+    @property
+    def max_steps(self) -> int:
+        """An upper bound on any trial's optimizer steps: the span of ASHA's rungs."""
+        if self.spec:
+            return max_steps(self.spec.fixed, self.spec.axes)
+        return max((max_steps(p.cfg.to_dict()) for p in self.explicit), default=1)
+
+
+def _describe(cfg: TrialConfig) -> str:
+    return f"trial {cfg.index} ({cfg.name})"
+
+
 def _absolute(value: str) -> str:
     """Trials run with the trial directory as cwd, so local paths must not be relative."""
     return str(Path(value).resolve()) if Path(value).exists() else value
 
 
-def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True) -> list[PlannedTrial]:
+def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
+         describe: Callable[[TrialConfig], str] = _describe) -> list[PlannedTrial]:
     """Resolve and count every trial. ``for_training`` also checks that the data and weights can be
-    had (a dry run needs neither: only configs, which are bundled for the post's model)."""
+    had (a dry run needs neither: only configs, which are bundled for the post's model). ``describe``
+    names a config in messages (a search's corners are not trials of the space file)."""
     from peft import get_peft_model
 
     from trainers.data import DataError, check_available
     from trainers.models import ModelError, check_weights_available, load_config, lora_config, meta_model, resolve_targets
 
     def fail(cfg: TrialConfig, field: str, e: Exception):
-        raise SpaceError(f"{space_path}: trial {cfg.index} ({cfg.name}): field '{field}': {e}") from None
+        raise SpaceError(f"{space_path}: {describe(cfg)}: field '{field}': {e}") from None
 
     model_configs, datasets_ok, out = {}, set(), []
     for cfg in configs:

@@ -10,12 +10,13 @@ A space file is plain Python that assigns ``space = Space(...)``::
 
 ``expand`` turns it into a list of frozen ``TrialConfig`` (``trainers/config.py``): the one object
 that crosses from the driver to a trial. Every problem is reported as ``file: trial N (name): field 'x': what is wrong``.
+A space may also search (``search=Search(...)``; its explicit trials are then the search's seeds), stop
+trials early and carry a budget: see ``sweep/axes.py`` and, for their checks, ``sweep/search.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import runpy
 import traceback
@@ -24,11 +25,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
+from sweep.axes import Budget, EarlyStopping, Search
 from sweep.cli import UserError
-from trainers.config import Settings, Targets, TrialConfig
+from trainers.config import Settings, Targets, TrialConfig, trial_name
 
 __all__ = ["Settings", "Space", "SpaceError", "Trial", "TrialConfig", "grid", "load_space", "parse_sets", "expand",
-           "sweep_fingerprint", "baseline_of"]
+           "baseline_of"]
 
 
 class SpaceError(UserError):
@@ -65,7 +67,11 @@ def grid(*, r: Sequence[int], targets: Sequence[Targets], bits: Sequence[int], *
 class Space:
     name: str
     settings: Settings
-    trials: Sequence[Trial]
+    trials: Sequence[Trial] = ()
+    """The trials to run (a grid), or, with ``search``, the points the search evaluates first."""
+    search: Search | None = None
+    early_stopping: EarlyStopping | None = None
+    budget: Budget | None = None
 
 
 TRIAL_FIELDS = {f.name: f for f in fields(TrialConfig)}
@@ -91,8 +97,10 @@ def load_space(path: str | Path) -> Space:
         raise SpaceError(f"{path}: must assign `space = Space(...)` (found {type(space).__name__})")
     if not isinstance(space.settings, Settings):
         raise SpaceError(f"{path}: Space.settings must be a Settings(...)")
-    if not space.trials or not all(isinstance(t, Trial) for t in space.trials):
-        raise SpaceError(f"{path}: Space.trials must be a non-empty list of Trial(...) / grid(...)")
+    if not isinstance(space.trials, (list, tuple)) or not all(isinstance(t, Trial) for t in space.trials):
+        raise SpaceError(f"{path}: Space.trials must be a list of Trial(...) / grid(...)")
+    if not space.trials and space.search is None:
+        raise SpaceError(f"{path}: Space.trials must be a non-empty list of Trial(...) / grid(...), or give search=")
     return space
 
 
@@ -134,21 +142,15 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
     configs, seen = [], set()
     for i, t in enumerate(space.trials):
         values = {**base, **t.overrides, "r": t.r, "targets": t.targets, "bits": t.bits, **(sets or {})}
-        label = values["targets"] if isinstance(values["targets"], str) else "custom"
-        name = t.name or f"r{values['r']}-{label}-{values['bits']}bit"
+        name = t.name or trial_name(values)
         if name in seen:
             name = f"{name}-{i}"
         seen.add(name)
-        cfg = TrialConfig(name=name, index=i, **values)
+        cfg = TrialConfig.build(name=name, index=i, **values)
         for fname, msg in cfg.problems():
             raise SpaceError(f"{path}: trial {i} ({name}): field '{fname}' {msg}")
         configs.append(cfg)
     return configs
-
-
-def sweep_fingerprint(configs: Sequence[TrialConfig]) -> str:
-    """Identity of a whole sweep: the space file's trials after --set. Resume refuses a mismatch."""
-    return hashlib.sha256("|".join(c.fingerprint for c in configs).encode()).hexdigest()[:16]
 
 
 def baseline_of(cfg: TrialConfig) -> TrialConfig:
