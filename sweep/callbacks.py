@@ -8,8 +8,9 @@ from pathlib import Path
 from ray.tune import Callback
 
 from sweep import console, sweepdir
+from sweep.searchers import trial_config
 from sweep.tracking import MLflowTracker
-from trainers.config import StepReport, TrialResult, report_kind
+from trainers.config import EvalReport, StepReport, TrialResult, report_kind
 
 
 def error_line(error_file: str | None) -> str:
@@ -21,11 +22,18 @@ def error_line(error_file: str | None) -> str:
 
 
 class TrialEvents(Callback):
-    """Each trial's start, reports, end, failure and retry, for the ledger, the MLflow tracker and the
-    driver's console (looked up, not held: Tune pickles this callback into its experiment state)."""
+    """Each trial's start, reports (steps, evals), end (finished, or stopped early by ``stop_reason``, the
+    experiment's scheduler), failure and retry, for the ledger, the MLflow tracker and the driver's console
+    (looked up, not held: Tune pickles this callback into its experiment state)."""
 
-    def __init__(self, sweep_dir: str, tracker: MLflowTracker):
-        self.sweep_dir, self.tracker = sweep_dir, tracker
+    def __init__(self, sweep_dir: str, tracker: MLflowTracker, stop_reason: str = ""):
+        self.sweep_dir, self.tracker, self.stop_reason = sweep_dir, tracker, stop_reason
+        self._params: dict[str, dict] = {}  # Ray trial id -> its config, name and fingerprint, built once
+
+    def param(self, trial) -> dict:
+        if trial.trial_id not in self._params:
+            self._params[trial.trial_id] = trial_config(trial).to_param()
+        return self._params[trial.trial_id]
 
     @staticmethod
     def _console(method: str, *args) -> None:
@@ -33,30 +41,53 @@ class TrialEvents(Callback):
             getattr(c, method)(*args)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.tracker.trial_started(trial.config["trial"], trial.trial_id)
-        self._console("trial_started", trial.config["trial"]["name"])
+        self.tracker.trial_started(self.param(trial), trial.trial_id)
+        self._console("trial_started", self.param(trial)["name"], self.param(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if report_kind(result) == StepReport.KIND:
-            self.tracker.trial_step(trial.config["trial"], StepReport.from_report(result), result.get("timestamp", 0))
-        self._console("trial_report", trial.config["trial"]["name"], result)
+        kind, timestamp = report_kind(result), result.get("timestamp", 0)
+        if kind == StepReport.KIND:
+            self.tracker.trial_step(self.param(trial), StepReport.from_report(result), timestamp)
+        elif kind == EvalReport.KIND:
+            self.tracker.trial_eval(self.param(trial), EvalReport.from_report(result), timestamp)
+        self._console("trial_report", self.param(trial)["name"], result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        param, last, status = trial.config["trial"], trial.last_result or {}, sweepdir.TERMINATED
-        result = TrialResult.from_dict(last) if report_kind(last) == TrialResult.KIND else None
+        param, last = self.param(trial), trial.last_result or {}
         checkpoint = Path(trial.checkpoint.path) if trial.checkpoint is not None else None
-        sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], status)
-        self.tracker.trial_finished(param, result, checkpoint)
-        self._console("trial_ended", param["name"], status)
+        if report_kind(last) == TrialResult.KIND:
+            sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.TERMINATED)
+            self.tracker.trial_finished(param, TrialResult.from_dict(last), checkpoint)
+            self._console("trial_ended", param["name"], sweepdir.TERMINATED)
+            return
+        # Ray completes a trial without its final report only when the scheduler stopped it (a budget's or
+        # Ctrl-C's stop does not come through here): it ends STOPPED on its last eval and that checkpoint.
+        evaluated = EvalReport.from_report(last) if report_kind(last) == EvalReport.KIND else None
+        sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.STOPPED,
+                              reason=self.stop_reason, steps=evaluated and evaluated.train_steps)
+        self.tracker.trial_stopped(param, evaluated and evaluated.train_steps, self.stop_reason, checkpoint)
+        self._console("trial_ended", param["name"], sweepdir.STOPPED)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        param, error = trial.config["trial"], error_line(trial.error_file)
+        param, error = self.param(trial), error_line(trial.error_file)
         sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.ERROR, error)
         self.tracker.trial_failed(param, error)
         self._console("trial_ended", param["name"], sweepdir.ERROR, error)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._console("trial_retrying", trial.config["trial"]["name"], error_line(trial.error_file))
+        self._console("trial_retrying", self.param(trial)["name"], error_line(trial.error_file))
 
     def on_step_end(self, iteration, trials, **info):
         self._console("tick")
+
+
+def close_stopped(out: Path, tracker: MLflowTracker, outcomes: dict) -> None:
+    """Trials a budget stopped: Ray ends them without a completion event, so the ledger and MLflow learn it
+    here, after the run. Early-stopped ones were closed by ``on_trial_complete`` already (closing is
+    idempotent)."""
+    recorded = sweepdir.ledger(out)
+    for o in outcomes.values():
+        if o.status != sweepdir.STOPPED or recorded.get(o.cfg.fingerprint, {}).get("status") == sweepdir.STOPPED:
+            continue
+        sweepdir.record_trial(out, o.cfg.fingerprint, o.cfg.name, sweepdir.STOPPED, reason=o.reason, steps=o.steps)
+        tracker.trial_stopped(o.cfg.to_param(), o.steps, o.reason, out / sweepdir.TRIALS_DIR / o.cfg.name)

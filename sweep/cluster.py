@@ -132,7 +132,8 @@ def trial_resources(shares: dict[str, float]):
     def resources(config: dict) -> dict:
         t = config["trial"]
         cuda = t["config"]["device"] == "cuda"
-        return {"cpu": t["config"]["cpus_per_trial"], "gpu": shares.get(t["name"], max(shares.values(), default=1))
-                if cuda else 0}
+        # a search's trials are named by Ray as they start: they carry their share in their config
+        share = t.get("gpu_share") or shares.get(t.get("name"), max(shares.values(), default=1))
+        return {"cpu": t["config"]["cpus_per_trial"], "gpu": share if cuda else 0}
 
     return resources

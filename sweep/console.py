@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sweep import sweepdir
-from sweep.progress import PENDING, RUNNING, SweepProgress, clock
+from sweep.progress import PENDING, RUNNING, SweepProgress, TrialProgress, clock
 from trainers.config import StepReport, TrialResult, report_kind
 from trainers.entry import log_path
 
@@ -49,7 +49,12 @@ class Console:
         self._tails: dict[Path, int] = {}
 
     # ---- events (from sweep/callbacks.py, on Tune's loop thread) ----------------------------------
-    def trial_started(self, name: str) -> None:
+    def trial_started(self, name: str, param: dict | None = None) -> None:
+        """``param`` (``TrialConfig.to_param()``) adds a trial the console has not heard of: a search's
+        sample, named as Tune creates it."""
+        if param is not None and not any(t.name == name for t in self.progress.trials):
+            self.progress.trials.append(TrialProgress(name, baseline=param["baseline"], config=param["config"],
+                                                      log=str(log_path(self.out / sweepdir.LOGS_DIR, name))))
         t = self.progress.trial(name)
         t.status, t.started, t.ended, t.rate_from, t.error = RUNNING, time.time(), None, None, ""
         t.attempts += 1
@@ -119,7 +124,9 @@ class Console:
                 t.result = o.result.to_dict()
                 t.eval_loss = o.result.eval_loss
             t.ended = t.ended or (time.time() if t.started else None)
-        ended = {sweepdir.INTERRUPTED, sweepdir.NOT_RUN}.isdisjoint(t.status for t in self.progress.trials)
+        ended = not any(o.status == sweepdir.INTERRUPTED or (o.status == sweepdir.NOT_RUN and not o.reason)
+                        for o in (outcomes.get(t.name, sweepdir.TrialOutcome(sweepdir.NOT_RUN))
+                                  for t in self.progress.trials))
         self.progress.state = "finished" if ended else "interrupted"
         self.progress.write(self.out)
 
@@ -193,8 +200,8 @@ def new_progress(manifest: dict, out: Path, planned, metric: str) -> SweepProgre
         t = TrialProgress(p.cfg.name, baseline=p.cfg.baseline, config=p.cfg.to_dict(),
                           trainable_params=p.trainable_params, total_params=p.total_params,
                           log=str(log_path(out / sweepdir.LOGS_DIR, p.cfg.name)))
-        if ledger.get(t.name, {}).get("status") == sweepdir.TERMINATED:
-            t.status = sweepdir.TERMINATED
+        if (done := ledger.get(t.name, {}).get("status")) in (sweepdir.TERMINATED, sweepdir.STOPPED):
+            t.status = done
             if t.name in old:
                 prev = old[t.name]
                 t.result, t.step, t.max_steps, t.loss, t.eval_loss = prev.result, prev.step, prev.max_steps, \

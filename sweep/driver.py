@@ -1,20 +1,20 @@
 """A sweep from start to end: space file -> planned trials -> checks -> Ray Tune -> the table.
 
 ``run_sweep`` reads top to bottom like the README: everything that can refuse the sweep runs before
-anything is started or written; only then is the sweep directory created (or resumed), Ray started,
-the trials run, and the reports written.
+anything is started or written; only then is the sweep directory created (or resumed, or extended),
+Ray started, the sweep's experiments run in order (``sweep/extend.py``), and the reports written.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sweep import sweepdir
 from sweep.cli import UserError
-from sweep.space import baseline_of, expand, load_space, parse_sets, sweep_fingerprint
+from sweep.space import baseline_of, expand, load_space, parse_sets
 from sweep.tracking import MLflowTracker, redact, tracking_uri
 
 
@@ -36,123 +36,240 @@ class SweepOptions:
     resume: bool = False
     fresh: bool = False
     verbose: bool = False
+    extend: bool = False
+    num_samples: int | None = None
+
+
+def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
+    """A search space's checked search, with its targets choices resolved and counted on the model."""
+    from sweep.plan import TargetShapes, plan
+    from sweep.search import corner_configs, resolve_search
+
+    spec = resolve_search(space, opts.space, sets)
+    if opts.num_samples is not None:
+        if opts.num_samples < max(1, len(spec.seeds)):
+            raise UserError(f"--num-samples must be at least {max(1, len(spec.seeds))} (the space's seed trials)")
+        spec = replace(spec, search=replace(spec.search, num_samples=opts.num_samples))
+    corners = plan(corner_configs(spec), opts.space, for_training=for_training,
+                   describe=lambda c: f"Search.axes ({c.name})")
+    shapes = TargetShapes.from_corners(corners)
+    first = corners[0].cfg  # model and data paths made absolute by the plan step
+    return replace(spec, fixed={**spec.fixed, "model": first.model, "dataset": first.dataset}), shapes
 
 
 def plan_sweep(opts: SweepOptions, *, for_training: bool):
-    """The space file's trials, validated and counted, with the ``base`` row first unless turned off."""
-    from sweep.plan import PlannedTrial, plan
+    """The space file's trials (or search), validated and counted, with the ``base`` row first unless turned off."""
+    from sweep.plan import PlannedTrial, SweepPlan, plan
+    from sweep.search import check_schedule, space_fingerprint
 
     space = load_space(opts.space)
-    planned = plan(expand(space, opts.space, parse_sets(opts.sets)), opts.space, for_training=for_training)
-    if opts.baseline:
+    sets = parse_sets(opts.sets)
+    spec = shapes = None
+    if space.search is not None:
+        spec, shapes = _search(space, opts, sets, for_training)
+        planned = [shapes.planned(sample_config(spec, shapes))]  # the first seed's shape: the base row's bits
+    else:
+        if opts.num_samples is not None:
+            raise UserError(f"--num-samples: {opts.space} declares no search")
+        planned = plan(expand(space, opts.space, sets), opts.space, for_training=for_training)
+    check_schedule(space, opts.space, [p.cfg for p in planned], spec)
+    if opts.baseline and planned:
         first = planned[0]
         base = baseline_of(first.cfg)  # its memory estimate: evaluation only
         gpu_gb = plan([base], opts.space, for_training=False)[0].gpu_gb
-        planned.insert(0, PlannedTrial(base, 0, first.total_params - first.trainable_params, gpu_gb))
-    return opts.name or space.name, planned
+        base = PlannedTrial(base, 0, first.total_params - first.trainable_params, gpu_gb)
+        planned = [base] + ([] if spec else planned)
+    elif spec:
+        planned = []
+    samples = spec.search.num_samples if spec else 0
+    fingerprint = space_fingerprint([p.cfg for p in planned], space, spec, samples)
+    return SweepPlan(opts.name or space.name, space, planned, spec, shapes, samples, fingerprint)
 
 
 def dry_run(opts: SweepOptions) -> int:
+    from sweep.plan import plan
+    from sweep.search import seed_configs
+    from sweep.search_summary import dry_run_search
     from sweep.summary import dry_run_table
 
-    name, planned = plan_sweep(opts, for_training=False)
-    print(f"sweep '{name}': {len(planned)} trials from {opts.space}\n")
-    print(dry_run_table(planned), end="")
+    p = plan_sweep(opts, for_training=False)
+    if p.spec is None:
+        print(f"sweep '{p.name}': {len(p.planned)} trials from {opts.space}\n")
+        print(dry_run_table(p.planned), end="")
+        return 0
+    print(f"sweep '{p.name}': a search of {p.num_samples} samples from {opts.space}\n")
+    print(dry_run_search(p.spec, p.shapes, p.space, p.num_samples))
+    seeds = plan(seed_configs(p.spec), opts.space, for_training=False)
+    print("seed trials, evaluated first:\n")
+    print(dry_run_table(p.planned + seeds), end="")
     return 0
 
 
 def run_sweep(opts: SweepOptions) -> int:
     import ray
 
-    from sweep import cluster
+    from sweep import cluster, extend
     from sweep.console import DriverLogs
 
-    name, planned = plan_sweep(opts, for_training=True)
+    plan = plan_sweep(opts, for_training=True)
     if opts.gpus_per_trial != "auto" and not (0 < opts.gpus_per_trial < math.inf):
         raise UserError(f"--gpus-per-trial must be 'auto' or a number > 0, got {opts.gpus_per_trial}")
     if opts.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, got {opts.max_failures}")
-    out = Path(opts.output or Path("sweeps") / name).resolve()
-    fingerprint = sweep_fingerprint([p.cfg for p in planned])
+    if opts.extend and (opts.fresh or opts.resume):
+        raise UserError("--extend grows a sweep: it cannot be combined with --fresh or --resume")
+    out = Path(opts.output or Path("sweeps") / plan.name).resolve()
     sweepdir.check_writable(out)
-    manifest = sweepdir.existing_manifest(out, fingerprint, fresh=opts.fresh, resume=opts.resume)
+    manifest = sweepdir.existing_manifest(out, plan.fingerprint, fresh=opts.fresh, resume=opts.resume,
+                                          extend=opts.extend)
+    added = extend.extension(manifest, plan, sweepdir.experiments(manifest)) if opts.extend else None
     cluster.check_address(opts.address)
 
     logs = DriverLogs(opts.verbose)  # from here on Ray's and MLflow's notes go to DIR/logs/driver.log
     cluster.start_ray(opts.address, opts.dashboard_host, verbose=opts.verbose)
     try:
-        shares = cluster.gpu_shares(planned, opts.gpus_per_trial)
-        cluster.check_resources(planned, shares)
+        shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)
+        cluster.check_resources(share_trials(plan), shares)
         if manifest is not None and opts.fresh:  # only now that nothing can refuse the run
             sweepdir.move_aside(out)
             manifest = None
         sweepdir.prepare(out)
         logs.to_file(out)
         if manifest is None:
-            manifest = sweepdir.new_manifest(out, name=name, space=str(opts.space), fingerprint=fingerprint,
-                                             mlflow_uri=redact(tracking_uri(opts.mlflow_uri)))
-        return execute(opts, manifest, out, planned, shares)
+            manifest = sweepdir.new_manifest(
+                out, name=plan.name, space=str(opts.space), fingerprint=plan.fingerprint,
+                mlflow_uri=redact(tracking_uri(opts.mlflow_uri)), experiments=extend.first_experiments(plan),
+                search_identity=plan.spec.identity() if plan.spec else None)
+        elif added is not None:
+            print(f"extending sweep {manifest['name']}: " + (", ".join(
+                f"{len(e['trials'])} new trial(s)" if "trials" in e else f"{e['samples']} more sample(s)"
+                for e in added) or "nothing to add (the space declares no trials or samples beyond it)"), flush=True)
+            manifest = sweepdir.update_manifest(out, manifest, space_fingerprint=plan.fingerprint,
+                                                experiments=sweepdir.experiments(manifest) + added)
+        return execute(opts, manifest, out, plan, shares)
     finally:
         ray.shutdown()
 
 
-def open_tracker(opts: SweepOptions, manifest: dict, out: Path, planned) -> MLflowTracker:
+def share_trials(plan) -> list:
+    """The trials GPU shares are sized for: the planned ones and, for a search, one standing for every
+    sample (the largest estimate over its targets, bits and r)."""
+    from sweep.plan import PlannedTrial
+    from sweep.tuner import SEARCH_SHARE
+
+    if plan.spec is None:
+        return plan.planned
+    sample = replace(sample_config(plan.spec, plan.shapes), name=SEARCH_SHARE)
+    return plan.planned + [PlannedTrial(sample, 0, 0, plan.shapes.gpu_gb)]
+
+
+def sample_config(spec, shapes):
+    """A config shaped like the search's trials: its first seed's, else its smallest corner's."""
+    from sweep.search import corner_configs, seed_configs
+
+    cfg = (seed_configs(spec) or corner_configs(spec))[0]
+    return replace(cfg, target_modules=shapes.modules[cfg.targets_label])
+
+
+def open_tracker(opts: SweepOptions, manifest: dict, out: Path, plan) -> MLflowTracker:
     """The sweep's MLflow parent run, created or reopened. The manifest's tracking store wins on resume,
     so the sweep's runs stay in one place; the live URI is used when it names that store, since only it
     carries any credentials."""
     uri = tracking_uri(opts.mlflow_uri)
     tracker = MLflowTracker(uri if redact(uri) == manifest["mlflow_uri"] else manifest["mlflow_uri"],
                             experiment=manifest["name"], sweep_id=manifest["sweep_id"])
-    first = planned[0].cfg
+    first = plan.spec.fixed if plan.spec else plan.planned[0].cfg.to_dict()
     tracker.start({
-        "space_file": str(opts.space), "trials": str(len(planned)), "model": first.model, "dataset": first.dataset,
+        "space_file": str(opts.space), "trials": str(len(plan.planned) + plan.num_samples), "model": first["model"],
+        "dataset": first["dataset"], "output": str(out), "metric": opts.metric,
         "sets": " ".join(k + "=" + redact(v) for k, _, v in (x.partition("=") for x in opts.sets)),
-        "output": str(out), "metric": opts.metric, "generation": f"greedy, max_new_tokens={first.max_new_tokens}",
+        "generation": f"greedy, max_new_tokens={first['max_new_tokens']}",
     })
     return tracker
 
 
-def execute(opts: SweepOptions, manifest: dict, out: Path, planned, shares: dict[str, float]) -> int:
-    from sweep import console
+def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker, shares: dict[str, float]) -> dict:
+    """Run (or restore) each unfinished experiment in order; returns the manifest as it ends. A Ctrl-C'd
+    experiment stays unfinished, and those after it wait for the resume."""
     from sweep.callbacks import TrialEvents
+    from sweep.searchers import stop_reason
     from sweep.tuner import build_tuner, collect
 
-    tracker = open_tracker(opts, manifest, out, planned)
+    experiments = sweepdir.experiments(manifest)
+    for i, exp in enumerate(experiments):
+        if exp.get("finished"):
+            continue
+        callbacks = [TrialEvents(str(out), tracker, stop_reason(plan.space.early_stopping))]
+        build_tuner(out, exp, plan, shares=shares, max_failures=opts.max_failures, callbacks=callbacks,
+                    earlier=collect(out, experiments[:i]) if i else {}).fit()
+        outcomes = collect(out, [exp]).values()
+        ended = exp["name"] in sweepdir.budget_ends(out)
+        if not all(o.status in (sweepdir.TERMINATED, sweepdir.STOPPED) or o.reason for o in outcomes) or (
+                "samples" in exp and len(outcomes) < exp["samples"] and not ended):
+            break
+        experiments[i] = {**exp, "finished": True}
+        manifest = sweepdir.update_manifest(out, manifest, experiments=experiments)
+    return manifest
+
+
+def execute(opts: SweepOptions, manifest: dict, out: Path, plan, shares: dict[str, float]) -> int:
+    from sweep import console
+    from sweep.callbacks import close_stopped
+    from sweep.summary import table_trials
+    from sweep.tuner import collect
+
+    tracker = open_tracker(opts, manifest, out, plan)
     if shares:
         print("GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items()), flush=True)
-    live = console.Console(console.new_progress(manifest, out, planned, opts.metric), out, verbose=opts.verbose)
-    print(f"sweep {manifest['name']}: {len(planned)} trial(s); their output goes to {out / sweepdir.LOGS_DIR}/",
-          flush=True)
+    experiments = sweepdir.experiments(manifest)
+    known = table_trials(plan, collect(out, experiments), experiments)  # a search's samples so far
+    live = console.Console(console.new_progress(manifest, out, known, opts.metric), out, verbose=opts.verbose)
+    search = f" and a search of {plan.num_samples} samples" if plan.spec else ""
+    print(f"sweep {manifest['name']}: {len(plan.planned)} trial(s){search}; their output goes to "
+          f"{out / sweepdir.LOGS_DIR}/", flush=True)
     console.activate(live)
     try:
-        tuner = build_tuner(out, planned, shares=shares, max_failures=opts.max_failures,
-                            callbacks=[TrialEvents(str(out), tracker)])
-        outcomes = collect(tuner.fit(), out)
+        manifest = run_experiments(opts, manifest, out, plan, tracker, shares)
+        experiments = sweepdir.experiments(manifest)
+        outcomes = collect(out, experiments)
     finally:
         console.activate(None)
         live.clear()  # an exception must not leave the live block on the terminal
     live.close(outcomes)
-    rows = write_results(opts, manifest, out, planned, outcomes, tracker)
+    close_stopped(out, tracker, outcomes)
+    planned = table_trials(plan, outcomes, experiments)
+    rows = write_results(opts, manifest, out, plan, planned, outcomes, tracker, shares)
     for r in rows:
         if r["status"] == sweepdir.ERROR:
             print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
-    if any(r["status"] in (sweepdir.INTERRUPTED, sweepdir.NOT_RUN) for r in rows):
+    if any(r["status"] == sweepdir.INTERRUPTED or (r["status"] == sweepdir.NOT_RUN and not r["stop_reason"])
+           for r in rows):
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
-    return 1 if sweepdir.sweep_failed(r["status"] for r in rows) else 0
+    return 1 if sweepdir.sweep_failed(rows) else 0
 
 
-def write_results(opts: SweepOptions, manifest: dict, out: Path, planned, outcomes,
-                  tracker: MLflowTracker) -> list[dict]:
-    """The table, samples, plots and report.html in the sweep directory and on the parent MLflow run."""
+def write_results(opts: SweepOptions, manifest: dict, out: Path, plan, planned, outcomes, tracker: MLflowTracker,
+                  shares: dict[str, float]) -> list[dict]:
+    """The table (with its budget note and, for a search, its search section), samples, plots and
+    report.html in the sweep directory and on the parent MLflow run."""
     from sweep.plots import write_plots
     from sweep.report import write_report
+    from sweep.search_summary import budget_note, report_search
     from sweep.summary import write_reports
 
+    experiments = sweepdir.experiments(manifest)
     rows, md = write_reports(out, planned, outcomes, title=f"Sweep {manifest['name']}", metric=opts.metric,
-                             max_new_tokens=planned[0].cfg.max_new_tokens)
-    plots = write_plots(out, rows, {p.cfg.name: p.cfg.to_dict() for p in planned})
+                             max_new_tokens=(plan.spec.fixed if plan.spec else planned[0].cfg.to_dict())[
+                                 "max_new_tokens"])
+    md += budget_note(out, rows, experiments)
+    importance = {}
+    if plan.spec is not None:
+        section, importance = report_search(out, plan, rows, outcomes, opts.metric, experiments, shares)
+        tracker.log_search(importance, section)
+        md += section
+    plots = write_plots(out, rows, search=plan.spec is not None, importance=importance)
     write_report(out, manifest, planned, rows, plots, metric=opts.metric)
-    tracker.finish(out, rows, sweepdir.sweep_failed(r["status"] for r in rows))
+    tracker.finish(out, rows, sweepdir.sweep_failed(rows))
     print("\n" + md + f"\nreport: {out / 'report.html'}  (the table, plots, generations side by side; opens from disk)"
           f"\nresults: {out}  (summary.md, samples.md, summary.csv, plots/, trials/<id>/adapter, logs/)"
           f"\ncompare in MLflow: {mlflow_hint(manifest['mlflow_uri'], tracker.experiment_id)}", flush=True)

@@ -74,22 +74,25 @@ def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
 
 @dataclass(frozen=True)
 class TargetShapes:
-    """What a search's ``targets`` choices resolved to on the model: module names, and trainable parameters
-    per unit of r (LoRA adds r x (in + out) per adapted layer, so counts are exactly linear in r)."""
+    """What a search's ``targets`` choices resolved to on the model: module names, trainable parameters per
+    unit of r (LoRA adds r x (in + out) per adapted layer, so counts are exactly linear in r), and the
+    largest GPU memory estimate of any sample (the largest r, each targets and bits choice)."""
 
     modules: dict[str, tuple[str, ...]]
     per_r: dict[str, int]
     base_total: int
+    gpu_gb: float
 
     @classmethod
     def from_corners(cls, corners: list[PlannedTrial]) -> "TargetShapes":
         modules = {c.cfg.targets_label: c.cfg.target_modules for c in corners}
         per_r = {c.cfg.targets_label: c.trainable_params // c.cfg.r for c in corners}
-        return cls(modules, per_r, corners[0].total_params - corners[0].trainable_params)
+        return cls(modules, per_r, corners[0].total_params - corners[0].trainable_params,
+                   max(c.gpu_gb for c in corners))
 
     def planned(self, cfg: TrialConfig) -> PlannedTrial:
         trainable = cfg.r * self.per_r[cfg.targets_label]
-        return PlannedTrial(cfg, trainable, self.base_total + trainable)
+        return PlannedTrial(cfg, trainable, self.base_total + trainable, self.gpu_gb)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ logged to the parent MLflow run.
   loss_curves        training loss (lines) and eval loss (markers) against the optimizer step, one
                      colour per trial, the base row's eval loss as a line
   search_history     (searches) each trial's eval loss in the order it finished, and the best so far
-  param_importance   (searches) how much each varied setting explains the eval loss (Optuna's fANOVA)
+  param_importance   (searches) how much each searched axis explains the eval loss (Optuna's fANOVA, as
+                     ``sweep/search_summary.py`` measures it for the summary and MLflow)
 
 Each builder returns a matplotlib ``Figure`` built from plain data (tests read the series back);
 ``write_plots`` reads that data from the sweep directory. No pyplot: figures are plain objects with
@@ -20,13 +21,11 @@ import math
 from pathlib import Path
 
 from sweep import sweepdir
-from trainers.config import REPORT_KIND, StepReport, TrialResult
+from trainers.config import REPORT_KIND, EvalReport, StepReport, TrialResult
 
 PLOTS_DIR = "plots"
 SIZE, DPI = (8, 5), 100  # 800 x 500 pixels
 BIT_MARKERS = {4: "o", 8: "s", 16: "^"}
-# Trial settings that are never a sweep axis, or are derived from one.
-NOT_AXES = {"name", "index", "baseline", "target_modules"}
 
 
 def _finite(x) -> bool:
@@ -97,12 +96,13 @@ def _minor_label(x: float, xlim: tuple[float, float]) -> str:
 
 def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Each trial's training and eval losses by step, from Ray Tune's per-trial result log (every report
-    a trial made, across restarts; a repeated step keeps its latest value)."""
+    a trial made, across restarts; a repeated step keeps its latest value), in whichever of the sweep's
+    experiments (``tune/``, ``tune-search/``, ...) the trial ran."""
     curves = {}
     for name in names:
         train, evals = {}, {}
-        path = out / sweepdir.TUNE_DIR / name / "result.json"
-        lines = path.read_text().splitlines() if path.is_file() else []
+        path = next((p for p in sorted(out.glob(f"tune*/{name}/result.json")) if p.is_file()), None)
+        lines = path.read_text().splitlines() if path else []
         for line in lines:
             try:
                 rep = json.loads(line)
@@ -110,10 +110,8 @@ def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[i
                 continue
             if rep.get(REPORT_KIND) == StepReport.KIND and _finite(rep.get("loss")):
                 train[rep["step"]] = rep["loss"]
-            elif rep.get(REPORT_KIND) == TrialResult.KIND and _finite(rep.get("eval_loss")):
-                evals[rep["train_steps"]] = rep["eval_loss"]
-            elif _finite(rep.get("eval_loss")) and "step" in rep:  # a periodic held-out evaluation
-                evals[rep["step"]] = rep["eval_loss"]
+            elif rep.get(REPORT_KIND) in (TrialResult.KIND, EvalReport.KIND) and _finite(rep.get("eval_loss")):
+                evals[rep["train_steps"]] = rep["eval_loss"]  # the final eval, or one every eval_every steps
         curves[name] = {"train": sorted(train.items()), "eval": sorted(evals.items())}
     return curves
 
@@ -157,36 +155,6 @@ def search_history(rows: list[dict], order: list[str]):
     return fig
 
 
-def varied_settings(rows: list[dict], configs: dict[str, dict]) -> dict[str, list]:
-    """Setting -> its value in each finished trial, for the settings that differ between them."""
-    done = [configs[r["trial_id"]] for r in finished(rows)]
-    out = {}
-    for key in sorted(set().union(*done) - NOT_AXES) if done else ():
-        values = [c.get(key) for c in done]
-        values = [",".join(v) if isinstance(v, (list, tuple)) else v for v in values]
-        if len({json.dumps(v) for v in values}) > 1:
-            out[key] = values
-    return out
-
-
-def importances(rows: list[dict], configs: dict[str, dict]) -> dict[str, float]:
-    """Optuna's fANOVA importance of each varied setting for eval loss (the finished trials as a study)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings = varied_settings(rows, configs)
-    dists = {k: FloatDistribution(min(v), max(v), log=min(v) > 0 and max(v) / min(v) >= 10)
-             if all(_finite(x) for x in v) else CategoricalDistribution(sorted({str(x) for x in v}))
-             for k, v in settings.items()}
-    study = optuna.create_study()
-    for i, r in enumerate(finished(rows)):
-        params = {k: float(v[i]) if isinstance(dists[k], FloatDistribution) else str(v[i])
-                  for k, v in settings.items()}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["eval_loss"]))
-    return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-
-
 def param_importance(scores: dict[str, float]):
     fig, ax = _figure("Parameter importance for eval loss (fANOVA)")
     names = list(scores)[::-1]  # most important on top
@@ -195,17 +163,16 @@ def param_importance(scores: dict[str, float]):
     return fig
 
 
-def write_plots(out: Path, rows: list[dict], configs: dict[str, dict] | None = None, *, search: bool = False,
-                order: list[str] | None = None) -> dict[str, Path]:
+def write_plots(out: Path, rows: list[dict], *, search: bool = False, order: list[str] | None = None,
+                importance: dict[str, float] | None = None) -> dict[str, Path]:
     """Every plot that has data, as DIR/plots/<name>.png; returns name -> path. ``search``: the sweep was a
-    search (issue 10), so its history and (with two or more varied settings over four or more finished
-    trials) the settings' importance are plotted too."""
+    search, so its history is plotted too, and the axes' ``importance`` when it could be measured."""
     figures = {"quality_vs_cost": quality_vs_cost(rows),
                "loss_curves": loss_curves(read_curves(out, [r["trial_id"] for r in rows]), rows)}
     if search and len(finished(rows)) >= 2:
         figures["search_history"] = search_history(rows, order or [r["trial_id"] for r in rows])
-        if configs and len(finished(rows)) >= 4 and len(varied_settings(rows, configs)) >= 2:
-            figures["param_importance"] = param_importance(importances(rows, configs))
+        if importance:
+            figures["param_importance"] = param_importance(dict(sorted(importance.items(), key=lambda kv: -kv[1])))
     (out / PLOTS_DIR).mkdir(exist_ok=True)
     paths = {}
     for name, fig in figures.items():

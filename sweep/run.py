@@ -5,10 +5,13 @@
     python -m sweep.run search_spaces/paper_grid.py --dry-run        # trials and exact parameter counts
     python -m sweep.run search_spaces/paper_grid.py --set model=random:open_llama_3b_v2 --set train_samples=500
     python -m sweep.run SPACE --address ray://head:10001              # the same on a Ray cluster
+    python -m sweep.run search_spaces/smoke_search.py                # a search: TPE + ASHA early stopping, CPU
+    python -m sweep.run search_spaces/smoke_search.py --extend --num-samples 10   # 2 more samples, warm-started
 
 Re-running the same command on the same sweep directory resumes it: finished trials are kept,
 interrupted ones continue from their latest checkpoint (Ray Tune's restore), and MLflow keeps one
-run per trial. ``--fresh`` moves the old directory aside instead.
+run per trial. ``--fresh`` moves the old directory aside instead. ``--extend`` grows a finished sweep to
+what its space file (and ``--num-samples``) now declares: only the new trials run.
 
 Exit codes: 0 every trial finished, 1 some trial failed (the table is still written), 2 bad input
 (nothing started, nothing earlier touched).
@@ -57,7 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="require an interrupted sweep in the output directory (re-running the command resumes anyway)")
     p.add_argument("--fresh", action="store_true",
                    help="move an existing sweep directory aside (DIR.old-<time>) and start over; nothing is deleted")
-    p.add_argument("--dry-run", action="store_true", help="print the trials with exact parameter counts and exit")
+    p.add_argument("--extend", action="store_true",
+                   help="grow the sweep in the output directory by the trials or samples its space file (or "
+                        "--num-samples) now adds; finished trials are kept and a search is told their results")
+    p.add_argument("--num-samples", type=int, metavar="N",
+                   help="a search's samples in all, seeds included (default: the space file's num_samples)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials (a search: its axes and parameter range) with exact counts and exit")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show everything: trial output, library warnings and Ray's and MLflow's logs, as they come "
                         "(by default they go to DIR/logs/ and the console shows progress only)")
@@ -69,7 +78,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         space=args.space, sets=tuple(args.set), output=args.output, name=args.name, address=args.address,
         gpus_per_trial=args.gpus_per_trial, mlflow_uri=args.mlflow_uri, dashboard_host=args.dashboard_host,
         baseline=not args.no_baseline, metric=args.metric, max_failures=args.max_failures, resume=args.resume,
-        fresh=args.fresh, verbose=args.verbose,
+        fresh=args.fresh, verbose=args.verbose, extend=args.extend, num_samples=args.num_samples,
     )
 
 

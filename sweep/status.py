@@ -36,7 +36,7 @@ def settle(progress: SweepProgress, out: Path, now: float) -> str:
     for t in progress.trials:
         if t.live and t.name in ledger:  # the ledger records an end the moment Tune reports it
             t.status, t.error = ledger[t.name]["status"], ledger[t.name].get("error", "") or t.error
-        if t.live and (done := final_result(out / sweepdir.TUNE_DIR / t.name)) is not None:
+        if t.live and (done := next(filter(None, map(final_result, out.glob(f"tune*/{t.name}"))), None)):
             # finished, but the driver died before recording it; a resume collects it without training
             t.status, t.result = sweepdir.TERMINATED, json.loads((done / "metrics.json").read_text())
     if progress.state != "running":
@@ -109,7 +109,7 @@ def status(out: Path) -> int:
     print("\n" + md, end="")
     if state == "running":
         return STILL_RUNNING
-    return 1 if sweepdir.sweep_failed(r["status"] for r in rows) else 0
+    return 1 if sweepdir.sweep_failed(rows) else 0
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,9 @@ a human:
   low     everything else that finished: a repetition loop or very short answers alone make a trial
           low, the two failure modes the post reads generations for; so does an eval loss no better
           than the base model's
-The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``.
+The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``. A trial that early stopping
+or a budget ended (STOPPED) shows its last eval loss and the step of it, but is never "best" and gets no
+quality: it trained fewer steps and made no generations.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from pathlib import Path
 from sweep import sweepdir
 from sweep.plan import PlannedTrial
 from sweep.sweepdir import TrialOutcome
-from trainers.config import GENERATIONS_JSON
+from trainers.config import GENERATIONS_JSON, perplexity
 
+# Settings besides r, targets and bits that a search may vary: in summary.csv always, in summary.md when they vary.
+HYPER = ("lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
+         "gradient_checkpointing")
 CSV_COLUMNS = [
-    "trial_id", "r", "target_modules", "bits", "trainable_params", "total_params", "trainable_pct", "eval_loss",
-    "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
-    "peak_gpu_mem_gb", "status", "quality", "best", "device", "gpu_uuid", "error",
+    "trial_id", "r", "target_modules", "bits", *HYPER, "trainable_params", "total_params", "trainable_pct",
+    "eval_loss", "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
+    "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best", "device", "gpu_uuid", "error",
 ]
 # --metric choices: which way is better for each
 METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
@@ -52,11 +57,16 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], m
         res = o.result
         trainable = res.trainable_params if res else p.trainable_params
         total = res.total_params if res else p.total_params
+        measures = _measures(res)
+        if res is None and o.eval_loss is not None:  # stopped: its last eval
+            measures.update(eval_loss=o.eval_loss, perplexity=perplexity(o.eval_loss))
         rows.append({
             "trial_id": p.cfg.name, "r": p.cfg.r, "target_modules": " ".join(p.cfg.target_modules),
-            "targets": p.cfg.targets_label, "bits": p.cfg.bits, "trainable_params": trainable, "total_params": total,
+            "targets": p.cfg.targets_label, "bits": p.cfg.bits, **{h: getattr(p.cfg, h) for h in HYPER},
+            "trainable_params": trainable, "total_params": total,
             "trainable_pct": res.trainable_pct if res else 100.0 * trainable / total,
-            **_measures(res), "status": o.status, "error": o.error, "baseline": p.cfg.baseline,
+            **measures, "status": o.status, "steps": o.steps, "stop_reason": o.reason, "error": o.error,
+            "baseline": p.cfg.baseline,
         })
     _add_quality(rows, metric)
     return rows
@@ -106,35 +116,59 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec) if _finite(x) else "-"
 
 
-TABLE_HEAD = ["trial", "r", "target_modules", "base bits", "quality", "params updated (M)", "eval loss", "vs base",
-              "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s", "peak GPU GiB",
-              "device", "status"]
+def table_head(extra: list[str] = ()) -> list[str]:
+    """The table's columns; ``extra``: settings that vary between the trials (``varied``), after base bits."""
+    return ["trial", "r", "target_modules", "base bits", *extra, "quality", "params updated (M)", "eval loss",
+            "vs base", "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s",
+            "peak GPU GiB", "device", "status"]
 
 
-def table_cells(r: dict) -> list[str]:
-    """One row of the table as text, in TABLE_HEAD's order (summary.md, report.html and sweep.status)."""
+TABLE_HEAD = table_head()
+
+
+def _status(r: dict) -> str:
+    """STOPPED at its step and why; NOT_RUN with the budget that kept it from starting."""
+    if r["status"] == sweepdir.STOPPED:
+        at = f" @ {r['steps']}" if r.get("steps") is not None else ""
+        return f"STOPPED{at} ({r['stop_reason']})" if r.get("stop_reason") else f"STOPPED{at}"
+    return f"{r['status']} ({r['stop_reason']})" if r.get("stop_reason") else r["status"]
+
+
+def varied(rows: list[dict]) -> list[str]:
+    """The HYPER settings whose value differs between the trials: the ones worth a column in summary.md."""
+    trials = [r for r in rows if not r["baseline"]]
+    return [h for h in HYPER if len({repr(r[h]) for r in trials}) > 1]
+
+
+def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
+    """One row of the table as text, in ``table_head(extra)``'s order (summary.md, report.html, sweep.status)."""
     targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
         f"{r['targets']} ({', '.join(r['target_modules'].split())})"
     device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
     return [
         r["trial_id"] + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
-        "(no adapter)" if r["baseline"] else targets, str(r["bits"]), r["quality"],
+        "(no adapter)" if r["baseline"] else targets, str(r["bits"]),
+        *("-" if r["baseline"] else format(r[h], ".3g") if isinstance(r[h], float) else str(r[h]) for h in extra),
+        r["quality"],
         f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
         _fmt(r["vs_base"], "+.4f"), _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"),
         _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
-        _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", r["status"],
+        _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", _status(r),
     ]
 
 
 def quality_rule(metric: str) -> str:
     return (f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
             "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
-            "token 3-grams) or are very short (< 5 words).")
+            "token 3-grams) or are very short (< 5 words). STOPPED trials (early stopping or a budget) show their "
+            "last eval loss @ its step and are not ranked.")
 
 
 def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
-    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    extra = varied(rows)
+    head = table_head(extra)
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(table_cells(r, extra)) + " |" for r in rows]
     errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != sweepdir.TERMINATED and r["error"]]
     if errors:
         lines += ["", "Errors:", *errors]
@@ -196,3 +230,18 @@ def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, Tr
     (out / "summary.md").write_text(md)
     (out / "samples.md").write_text(samples_markdown(rows, load_generations(out, rows), max_new_tokens))
     return rows, md
+
+
+def table_trials(plan, outcomes: dict[str, TrialOutcome], experiments: list[dict]) -> list[PlannedTrial]:
+    """The table's trials, in order: the planned ones (``plan``, a ``SweepPlan``), then a search's samples by
+    number. Planned trials Budget.max_trials kept out of every experiment get a NOT_RUN outcome saying so."""
+    listed = None
+    if all("trials" not in e or e["trials"] is not None for e in experiments):
+        listed = {fp for e in experiments for fp in e.get("trials") or []}
+    for p in plan.planned:
+        if listed is not None and p.cfg.fingerprint not in listed and p.cfg.name not in outcomes:
+            outcomes[p.cfg.name] = TrialOutcome(sweepdir.NOT_RUN, reason="max_trials budget")
+    names = {p.cfg.name for p in plan.planned}
+    sampled = sorted((o for o in outcomes.values() if o.point is not None and o.cfg.name not in names),
+                     key=lambda o: o.cfg.index)
+    return plan.planned + [plan.shapes.planned(o.cfg) for o in sampled]

@@ -1,10 +1,12 @@
 """The sweep directory's life: new, resumed, or moved aside with --fresh; and its own records.
 
-  sweep.json   the manifest: sweep id, name, space fingerprint, tracking URI. Resume refuses a sweep
-               whose space (after --set) no longer has this fingerprint.
+  sweep.json   the manifest: sweep id, name, space fingerprint, tracking URI, and the sweep's Ray Tune
+               experiments (``tune/`` first; an --extend or a search adds more). Resume refuses a sweep
+               whose space (after --set) no longer has this fingerprint; --extend grows it instead.
   ledger.json  trial fingerprint -> status, trial name, time, error. Ray snapshots its experiment
                state only every few seconds; the ledger records each trial's end the moment Tune
                reports it, so the driver (and a person) knows what finished however it was stopped.
+  budget.json  experiment -> which budget ended it, and when (written by the budget stopper).
 
 Both are written atomically (temp file + rename): a driver killed at any instant leaves either the
 old or the new version, never half of one. Nothing here imports Ray.
@@ -21,29 +23,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.cli import UserError
-from trainers.config import TrialResult
+from trainers.config import TrialConfig, TrialResult
 
-SWEEP_MANIFEST, LEDGER = "sweep.json", "ledger.json"
-TUNE_DIR = "tune"  # Ray Tune's experiment directory inside the sweep directory
-TRIALS_DIR = "trials"  # each finished trial's result files, copied from its final checkpoint
+SWEEP_MANIFEST, LEDGER, BUDGETS = "sweep.json", "ledger.json", "budget.json"
+TUNE_DIR = "tune"  # Ray Tune's first experiment directory inside the sweep directory
+TRIALS_DIR = "trials"  # each finished (or stopped) trial's result files, copied from its checkpoint
 LOGS_DIR = "logs"  # each trial's output (logs/<trial>.log) and the driver's library logs (logs/driver.log)
 
-# A trial's status in the ledger and the table.
-TERMINATED, ERROR, INTERRUPTED, NOT_RUN = "TERMINATED", "ERROR", "INTERRUPTED", "NOT_RUN"
+# A trial's status in the ledger and the table. STOPPED: ended early by early stopping or a budget,
+# with its last eval loss and the adapter of that step.
+TERMINATED, STOPPED, ERROR, INTERRUPTED, NOT_RUN = "TERMINATED", "STOPPED", "ERROR", "INTERRUPTED", "NOT_RUN"
 
 
-def sweep_failed(statuses) -> bool:
-    """The exit-code rule shared by ``sweep.run`` and ``sweep.status``: 1 unless every trial finished."""
-    return any(s != TERMINATED for s in statuses)
+def sweep_failed(rows) -> bool:
+    """The exit-code rule shared by ``sweep.run`` and ``sweep.status`` (their table's rows): 1 unless every
+    trial finished, or was ended by early stopping or a budget (STOPPED; NOT_RUN with the budget's reason)."""
+    return any(not (r["status"] in (TERMINATED, STOPPED) or (r["status"] == NOT_RUN and r.get("stop_reason")))
+               for r in rows)
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """How a trial ended, as the table shows it: a status above, its result if it finished, its error."""
+    """How a trial ended, as the table shows it: a status above, its result if it finished, its error;
+    for a stopped one the step it stopped at, its last eval loss there and why."""
 
     status: str
     result: TrialResult | None = None
     error: str = ""
+    cfg: TrialConfig | None = None
+    steps: int | None = None
+    eval_loss: float | None = None
+    reason: str = ""
+    point: dict | None = None
+    """A searched trial's values, as its searcher proposed them."""
+    evals: tuple[tuple[int, float], ...] = ()
+    """(step, eval loss) of its held-out evals during training."""
+    seconds: float | None = None
+    """Wall time Ray Tune ran it (its ``time_total_s``): what it held its GPU for."""
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -62,34 +78,52 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def record_trial(sweep_dir: Path, fingerprint: str, name: str, status: str, error: str = "") -> None:
-    """Note a trial's end in the ledger (called from the driver's single Tune callback thread)."""
+def record_trial(sweep_dir: Path, fingerprint: str, name: str, status: str, error: str = "", **extra) -> None:
+    """Note a trial's end in the ledger (called from the driver's single Tune callback thread); ``extra``:
+    for a stopped trial, why and at which step."""
     path = Path(sweep_dir) / LEDGER
     entries = read_json(path)
-    entries[fingerprint] = {"trial": name, "status": status, "at": time.time(), "error": error}
+    entries[fingerprint] = {"trial": name, "status": status, "at": time.time(), "error": error, **extra}
     write_json(path, entries)
+
+
+def ledger(sweep_dir: Path) -> dict:
+    return read_json(Path(sweep_dir) / LEDGER)
+
+
+def record_budget_end(sweep_dir: str, experiment: str, reason: str, at: float) -> None:
+    """A budget ended ``experiment`` (called by its budget stopper, on the driver)."""
+    path = Path(sweep_dir) / BUDGETS
+    write_json(path, {**read_json(path), experiment: {"reason": reason, "at": at}})
+
+
+def budget_ends(sweep_dir: Path) -> dict[str, str]:
+    """Experiment -> the budget that ended it."""
+    return {name: e["reason"] for name, e in read_json(Path(sweep_dir) / BUDGETS).items()}
 
 
 def finished_count(sweep_dir: Path) -> int:
     return sum(e["status"] == TERMINATED for e in read_json(Path(sweep_dir) / LEDGER).values())
 
 
-def existing_manifest(out: Path, fingerprint: str, *, fresh: bool, resume: bool) -> dict | None:
-    """The manifest of the sweep in ``out`` (to resume, or with --fresh to move aside), or None. Only reads."""
+def existing_manifest(out: Path, fingerprint: str, *, fresh: bool, resume: bool, extend: bool = False) -> dict | None:
+    """The manifest of the sweep in ``out`` (to resume or extend, or with --fresh to move aside), or None.
+    Only reads. With ``extend`` a changed space is the caller's to check (``sweep.extend``)."""
     manifest = read_json(out / SWEEP_MANIFEST) if (out / SWEEP_MANIFEST).is_file() else None
     if manifest is None and (out / TUNE_DIR).exists():
         raise UserError(f"{out} holds a Ray experiment that is not a lora-sweep sweep; pass another --output")
     if manifest is not None and fresh:
         return manifest
     if manifest is None:
-        if resume:
-            raise UserError(f"--resume: no sweep to resume in {out}")
+        if resume or extend:
+            raise UserError(f"--{'resume' if resume else 'extend'}: no sweep to {'resume' if resume else 'extend'} "
+                            f"in {out}")
         return None
-    if manifest["space_fingerprint"] != fingerprint:
+    if manifest["space_fingerprint"] != fingerprint and not extend:
         raise UserError(
             f"{out} was started from a different space (fingerprint {manifest['space_fingerprint']}, now "
-            f"{fingerprint}): the space file or --set values changed; restore them to resume, or pass --fresh "
-            "to move the old sweep aside and start over")
+            f"{fingerprint}): the space file or --set values changed; restore them to resume, pass --extend to "
+            "grow the sweep by the trials or samples added, or --fresh to move the old sweep aside and start over")
     print(f"resuming sweep {manifest['name']} in {out}: {finished_count(out)} trial(s) already finished", flush=True)
     return manifest
 
@@ -121,9 +155,23 @@ def prepare(out: Path) -> None:
         raise UserError(f"output directory {out} is not writable: {e.strerror}") from None
 
 
-def new_manifest(out: Path, *, name: str, space: str, fingerprint: str, mlflow_uri: str) -> dict:
-    """Start a sweep's records; ``mlflow_uri`` must already be free of credentials."""
+def new_manifest(out: Path, *, name: str, space: str, fingerprint: str, mlflow_uri: str, **extra) -> dict:
+    """Start a sweep's records; ``mlflow_uri`` must already be free of credentials. ``extra``: the sweep's
+    experiments and, for a search, its identity (what an --extend must keep)."""
     manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": space, "space_fingerprint": fingerprint,
-                "mlflow_uri": mlflow_uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "mlflow_uri": mlflow_uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    write_json(out / SWEEP_MANIFEST, manifest)
+    return manifest
+
+
+def experiments(manifest: dict) -> list[dict]:
+    """The sweep's Ray Tune experiments, in order: {"name", "trials": [fingerprints] | "samples", "offset",
+    "finished"}. A sweep from before searches has one, ``tune/``, holding every trial of its space."""
+    return manifest.get("experiments") or [{"name": TUNE_DIR, "trials": None, "finished": False}]
+
+
+def update_manifest(out: Path, manifest: dict, **changes) -> dict:
+    """The manifest with ``changes`` (an --extend's experiments and fingerprint, a finished experiment)."""
+    manifest = {**manifest, **changes}
     write_json(out / SWEEP_MANIFEST, manifest)
     return manifest

@@ -17,14 +17,15 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from trainers.config import ADAPTER_DIR, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE, StepReport, TrialConfig, \
-    TrialResult
+from trainers.config import ADAPTER_DIR, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE, EvalReport, StepReport, \
+    TrialConfig, TrialResult
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "lora_sweep.sweep_id", "lora_sweep.trial_fp", "lora_sweep.role"
-ERROR_TAG = "lora_sweep.error"
-TRIAL_PARAMS = ("r", "bits", "lora_alpha", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
-                "model", "dataset", "max_seq_length", "train_samples", "seed", "device", "max_new_tokens")
+ERROR_TAG, STOPPED_TAG = "lora_sweep.error", "lora_sweep.stopped"
+TRIAL_PARAMS = ("r", "bits", "lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size",
+                "grad_accum", "model", "dataset", "max_seq_length", "train_samples", "seed", "device", "max_new_tokens",
+                "eval_every")
 STEP_METRICS = ("loss", "learning_rate", "tokens_per_second")
 SYSTEM_PREFIX = "system/"  # where MLflow's own system metrics live, so its "System metrics" charts show ours
 # The experiment kind MLflow's UI reads to open an experiment on its runs rather than on the GenAI trace
@@ -150,6 +151,16 @@ class MLflowTracker:
         self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
+    def log_search(self, importance: dict[str, float], section: str) -> None:
+        """On the parent run: each searched axis's importance (a metric per axis) and the search section."""
+        from mlflow.entities import Metric
+
+        if importance:
+            self.client.log_batch(self.parent_id, metrics=[Metric(f"importance.{k}", v, 0, 0)
+                                                           for k, v in importance.items()])
+            self.client.log_dict(self.parent_id, importance, "importance.json")
+        self.client.log_text(self.parent_id, section, "search.md")
+
     # ---- one trial's life (called by sweep.callbacks.TrialEvents) ---------------------------------
     def trial_started(self, param: dict, ray_trial_id: str) -> None:
         self.client.update_run(self._child(param, ray_trial_id), status="RUNNING")
@@ -162,6 +173,13 @@ class MLflowTracker:
         metrics += [Metric(SYSTEM_PREFIX + k, float(v), ms, step.step) for k, v in step.system.items()]
         self.client.log_batch(self._child(param), metrics=metrics)
 
+    def trial_eval(self, param: dict, report: EvalReport, timestamp: float) -> None:
+        """A held-out eval during training: the eval_loss curve, which the final eval loss ends."""
+        from mlflow.entities import Metric
+
+        metric = Metric("eval_loss", report.eval_loss, int(timestamp * 1000), report.train_steps)
+        self.client.log_batch(self._child(param), metrics=[metric])
+
     def trial_finished(self, param: dict, result: TrialResult | None, result_dir: Path | None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -170,14 +188,35 @@ class MLflowTracker:
             tags = [RunTag(f"lora_sweep.{k}", str(getattr(result, k))) for k in TrialResult.names("tag")]
             logged = self.client.get_run(run_id).data.params
             params = [Param(k, str(getattr(result, k))) for k in TrialResult.names("param") if k not in logged]
-            metrics = [Metric(k, v, 0, 0) for k, v in result.mlflow_metrics().items()]
+            # at the last step, so that eval_loss's latest value is the final one, after the periodic evals
+            metrics = [Metric(k, v, 0, result.train_steps) for k, v in result.mlflow_metrics().items()]
             self.client.log_batch(run_id, metrics=metrics, tags=tags, params=params)
-        if result_dir is not None:
-            for name in (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE):
-                if (result_dir / name).is_file():
-                    self.client.log_artifact(run_id, str(result_dir / name))
-            if (result_dir / ADAPTER_DIR).is_dir():
-                self.client.log_artifacts(run_id, str(result_dir / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
+        self._log_results(run_id, result_dir)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def _log_results(self, run_id: str, result_dir: Path | None) -> None:
+        if result_dir is None:
+            return
+        for name in (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE):
+            if (result_dir / name).is_file():
+                self.client.log_artifact(run_id, str(result_dir / name))
+        if (result_dir / ADAPTER_DIR).is_dir():
+            self.client.log_artifacts(run_id, str(result_dir / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
+
+    def trial_stopped(self, param: dict, steps: int | None, reason: str, result_dir: Path | None) -> None:
+        """Ended early by early stopping or a budget: FINISHED (not an error), tagged with why and at which
+        step; its eval_loss curve (streamed) ends at its last eval, and the adapter of that step is attached.
+        Once per trial: a run already closed is left as it is."""
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._child(param)
+        if self.client.get_run(run_id).info.status == "FINISHED":
+            return
+        where = f" at step {steps}" if steps is not None else ""
+        tags = [RunTag(STOPPED_TAG, f"{reason or 'stopped'}{where}"), RunTag("lora_sweep.status", "STOPPED")]
+        metrics = [Metric("stopped_at_step", steps, 0, steps)] if steps is not None else []
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._log_results(run_id, result_dir)
         self.client.set_terminated(run_id, "FINISHED")
 
     def trial_failed(self, param: dict, error: str) -> None:

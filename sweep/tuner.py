@@ -1,40 +1,79 @@
-"""Ray Tune for one sweep: build the Tuner (or restore it to resume), run it, and collect each trial's
-outcome, copying its result files to ``DIR/trials/<trial>/`` where people look for them."""
+"""Ray Tune for one sweep: build each experiment's Tuner (or restore it to resume), and collect every
+trial's outcome, copying its result files to ``DIR/trials/<trial>/`` where people look for them."""
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 import shutil
 from pathlib import Path
 
 from sweep import sweepdir
 from sweep.cluster import trial_resources
+from sweep.plan import SweepPlan
 from sweep.sweepdir import TrialOutcome
-from trainers.config import TrialResult, report_kind
+from trainers.checkpoints import evals, final_result
+from trainers.config import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, TUNE_POINT, EvalReport, TrialResult, \
+    report_kind, search_param
 
 
-def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: int, callbacks: list):
-    """A new Tuner over the planned trials, or Ray Tune's own restore of the one in ``out``: finished
-    trials stay finished, the others continue from their checkpoints."""
+SEARCH_SHARE = "search samples"  # the key of a search's trials in the GPU shares (one estimate for all)
+
+
+def experiment_space(out: Path, exp: dict, plan: SweepPlan, evaluated: list[tuple[dict, float]],
+                     shares: dict[str, float]):
+    """(param space, search algorithm, trial namer, num_samples) of one of the sweep's experiments."""
     from ray import tune
 
-    from trainers.entry import LOG_DIR_KEY, tune_trainable
+    from sweep import searchers
 
-    tune_dir = out / sweepdir.TUNE_DIR
+    tune_dir, logs = out / exp["name"], out / sweepdir.LOGS_DIR
+    if "samples" not in exp:  # explicit trials: Ray's grid over their configs
+        configs = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0)} for p in plan.planned
+                   if exp["trials"] is None or p.cfg.fingerprint in exp["trials"]]
+        return searchers.param_space(tune.grid_search(configs), tune_dir, logs), None, searchers.grid_name, 1
+    alg, namer, point = searchers.searcher(plan.spec, samples_offset=exp["offset"], seeds=exp["seeds"],
+                                           evaluated=evaluated)
+    shared = {**search_param(plan.spec.fixed, plan.shapes.modules), "gpu_share": shares.get(SEARCH_SHARE, 0.0)}
+    return searchers.param_space(shared, tune_dir, logs, point), alg, namer, exp["samples"]
+
+
+def build_tuner(out: Path, exp: dict, plan: SweepPlan, *, shares: dict[str, float], max_failures: int,
+                callbacks: list, earlier: dict[str, TrialOutcome] | None = None):
+    """A new Tuner for the experiment, or Ray Tune's own restore of it: finished trials stay finished, the
+    others continue from their checkpoints, a search continues from its searcher's saved state. ``earlier``:
+    the outcomes of the sweep's experiments before this one, which its searcher and scheduler start from."""
+    from ray import tune
+
+    from sweep import searchers
+    from trainers.entry import tune_trainable
+
+    # Our reports come in kinds and only evals and final results carry the eval loss that the scheduler and the
+    # searcher read (they skip the rest); Tune's own check would otherwise reject the first step report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    tune_dir = out / exp["name"]
     trainable = tune.with_resources(tune_trainable, trial_resources(shares))
-    params = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0)} for p in planned]
-    param_space = {"trial": tune.grid_search(params), "tune_dir": str(tune_dir),
-                   LOG_DIR_KEY: str(out / sweepdir.LOGS_DIR)}
+    earlier = earlier or {}
+    space, alg, namer, num_samples = experiment_space(out, exp, plan, evaluated_points(earlier), shares)
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space)
-    trial_name = lambda t: t.config["trial"]["name"]  # noqa: E731 - names like r8-attention-4bit
+                                  param_space=space)
+    stop, budget = plan.space.early_stopping, plan.space.budget
+    stopper = None
+    if budget is not None and (budget.wall_hours or budget.gpu_hours):
+        on_end = functools.partial(sweepdir.record_budget_end, str(out), exp["name"])  # picklable, as Ray needs
+        devices = (shares.get(SEARCH_SHARE) or max(shares.values(), default=1)) if plan.device == "cuda" else 1
+        stopper = searchers.BudgetStopper(on_end, budget.wall_hours, budget.gpu_hours, devices_per_trial=devices)
     return tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, trial_name_creator=namer,
+                                    trial_dirname_creator=namer,
+                                    scheduler=searchers.scheduler(stop, plan.max_steps, eval_history(earlier))),
         run_config=tune.RunConfig(
             # verbose=0: our console (sweep/console.py) reports progress; Tune's tables would repeat it
-            name=sweepdir.TUNE_DIR, storage_path=str(out), callbacks=callbacks, verbose=0,
+            name=exp["name"], storage_path=str(out), callbacks=callbacks, verbose=0, stop=stopper,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             # Keep every checkpoint: with num_to_keep, Ray restored from a stale snapshot deletes checkpoints
             # it remembers and fails on ones already gone; trial checkpoints are adapter-sized anyway.
@@ -43,19 +82,79 @@ def build_tuner(out: Path, planned, *, shares: dict[str, float], max_failures: i
     )
 
 
-def collect(results, out: Path) -> dict[str, TrialOutcome]:
-    """Trial name -> outcome, from Tune's ResultGrid; finished trials' files copied to DIR/trials/<name>/."""
-    outcomes = {}
-    for r in results:
-        if not r.config:  # never started: the sweep was interrupted first (NOT_RUN in the table)
+def collect(out: Path, experiments: list[dict]) -> dict[str, TrialOutcome]:
+    """Trial name -> outcome, over every experiment of the sweep, read back from Ray Tune's own records."""
+    from ray.tune import ExperimentAnalysis
+
+    ledger, ends, outcomes = sweepdir.ledger(out), sweepdir.budget_ends(out), {}
+    for exp in experiments:
+        tune_dir = out / exp["name"]
+        try:
+            trials = ExperimentAnalysis(str(tune_dir)).trials
+        except (ValueError, FileNotFoundError):  # never got as far as its first saved state
             continue
-        name = r.config["trial"]["name"]
-        final = report_kind(r.metrics or {}) == TrialResult.KIND
-        error = str(r.error).strip().splitlines()[-1] if r.error is not None else ""
-        if r.error is None and final:
-            outcomes[name] = TrialOutcome(sweepdir.TERMINATED, TrialResult.from_dict(r.metrics))
-            if r.checkpoint is not None:
-                shutil.copytree(r.checkpoint.path, out / sweepdir.TRIALS_DIR / name, dirs_exist_ok=True)
-        else:
-            outcomes[name] = TrialOutcome(sweepdir.ERROR if r.error is not None else sweepdir.INTERRUPTED, error=error)
+        for trial in trials:
+            o = outcome(trial, tune_dir, out, ledger, ends.get(exp["name"], ""))
+            outcomes[o.cfg.name] = o
     return outcomes
+
+
+def outcome(trial, tune_dir: Path, out: Path, ledger: dict, budget_end: str) -> TrialOutcome:
+    """How one Ray Tune trial ended; a finished one's result files (a stopped one's adapter) copied out."""
+    from ray.tune.experiment import Trial
+
+    from sweep.callbacks import error_line
+    from sweep.searchers import trial_config
+
+    cfg = trial_config(trial)
+    fp, last = cfg.fingerprint, trial.last_result or {}
+    trial_dir, dest = tune_dir / cfg.name, out / sweepdir.TRIALS_DIR / cfg.name
+    found = evals(trial_dir, fp)
+    common = dict(cfg=cfg, point=trial.config.get(TUNE_POINT), seconds=last.get("time_total_s"),
+                  evals=tuple((e["train_steps"], e["eval_loss"]) for _, e in found))
+    if trial.status == Trial.ERROR:
+        return TrialOutcome(sweepdir.ERROR, error=error_line(trial.error_file), **common)
+    if report_kind(last) == TrialResult.KIND:
+        source = final_result(trial_dir, fp) or (trial.checkpoint and Path(trial.checkpoint.path))
+        if source and not (dest / METRICS_FILE).is_file():
+            shutil.copytree(source, dest, dirs_exist_ok=True)
+        result = TrialResult.from_dict(last)
+        return TrialOutcome(sweepdir.TERMINATED, result, steps=result.train_steps, **common)
+    if trial.status != Trial.TERMINATED:  # the sweep was interrupted (Ctrl-C, a killed driver)
+        return TrialOutcome(sweepdir.INTERRUPTED if last else sweepdir.NOT_RUN, **common)
+    # Ray ended it before its end: early stopping (the ledger says so) or a budget.
+    evaluated = found[-1] if found else None
+    if evaluated is None and not last:
+        return TrialOutcome(sweepdir.NOT_RUN, reason=budget_end, **common)
+    reason = ledger.get(fp, {}).get("reason") or budget_end or "stopped"
+    if evaluated is None:
+        return TrialOutcome(sweepdir.STOPPED, reason=reason, **common)
+    checkpoint, report = evaluated[0], EvalReport.from_report(evaluated[1])
+    if not (dest / ADAPTER_DIR).is_dir():
+        shutil.copytree(checkpoint / ADAPTER_DIR, dest / ADAPTER_DIR, dirs_exist_ok=True)
+        shutil.copy2(checkpoint / CONFIG_FILE, dest / CONFIG_FILE)
+    return TrialOutcome(sweepdir.STOPPED, steps=report.train_steps, eval_loss=report.eval_loss, reason=reason,
+                        **common)
+
+
+def eval_history(outcomes: dict[str, TrialOutcome]) -> list[list[tuple[int, float]]]:
+    """Each trial's (step, eval loss) evals, its final eval included: where early stopping's rungs start."""
+    history = []
+    for o in outcomes.values():
+        evals = list(o.evals)
+        if o.result is not None and math.isfinite(o.result.eval_loss) and o.result.train_steps:
+            evals.append((o.result.train_steps, o.result.eval_loss))
+        if evals:
+            history.append(evals)
+    return history
+
+
+def evaluated_points(outcomes: dict[str, TrialOutcome]) -> list[tuple[dict, float]]:
+    """Every searched trial's point and the eval loss it reached (a stopped trial's last one, as Ray's
+    OptunaSearch itself records a stopped trial): what a later search is told before it proposes."""
+    out = []
+    for o in outcomes.values():
+        loss = o.result.eval_loss if o.result is not None else o.eval_loss
+        if o.point and loss is not None and math.isfinite(loss) and o.status in (sweepdir.TERMINATED, sweepdir.STOPPED):
+            out.append((o.point, loss))
+    return out

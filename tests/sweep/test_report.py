@@ -13,7 +13,7 @@ from sweep.report import write_report
 from sweep.summary import build_rows
 from sweep.sweepdir import TrialOutcome
 from tests.conftest import make_result
-from trainers.config import StepReport, TrialConfig
+from trainers.config import EvalReport, StepReport, TrialConfig
 
 
 def cfg(name: str, r: int = 8, bits: int = 4, baseline: bool = False, **kw) -> TrialConfig:
@@ -38,7 +38,7 @@ def sweep(tmp_path):
                  for i, x in enumerate(losses)]
         lines.insert(1, lines[0].replace(str(losses[0]), "7.5"))  # step 1 again (a retry): the later value wins
         if name != "bad":
-            lines.append(json.dumps({"report": "eval", "step": 5, "eval_loss": losses[1] - 0.1}))
+            lines.append(json.dumps(EvalReport(train_steps=5, epoch=0.5, eval_loss=losses[1] - 0.1).to_report()))
             lines.append(json.dumps({**make_result(eval_loss=losses[-1] - 0.1, train_steps=9).to_report()}))
         lines.append('{"report": "step", "st')  # cut short by a killed driver
         (d / "result.json").write_text("\n".join(lines) + "\n")
@@ -74,30 +74,20 @@ def test_write_plots_writes_valid_pngs_and_the_search_plots_only_for_searches(sw
     for path in paths.values():
         with Image.open(path) as img:
             assert (img.format, img.size) == ("PNG", (800, 500))
-    configs = {p.cfg.name: p.cfg.to_dict() for p in planned}
-    searched = plots.write_plots(out, rows, configs, search=True, order=["r16", "r8"])
-    assert sorted(searched) == ["loss_curves", "quality_vs_cost", "search_history"]  # 2 finished: no importance
+    searched = plots.write_plots(out, rows, search=True, order=["r16", "r8"])
+    assert sorted(searched) == ["loss_curves", "quality_vs_cost", "search_history"]  # no importance measured
     history = plots.search_history(rows, ["r16", "r8"]).axes[0]
     assert [tuple(p) for p in history.collections[0].get_offsets()] == [(1, 5.5), (2, 6.5)]
     assert history.get_lines()[0].get_ydata().tolist() == [5.5, 5.5]  # best so far
 
 
-def test_parameter_importance_over_the_varied_settings(sweep):
-    _, _, rows = sweep
-    rows = [r for r in rows if not r["baseline"]][:1]
-    configs = {}
-    trials = [(4, 1e-4, 6.0), (8, 1e-3, 5.0), (16, 3e-4, 5.6), (32, 3e-3, 4.9), (8, 2e-4, 5.9)]
-    for i, (r, lr, loss) in enumerate(trials):
-        name = f"t{i}"
-        configs[name] = cfg(name, r, 4, learning_rate=lr).to_dict()
-        rows.append({**rows[0], "trial_id": name, "eval_loss": loss, "status": "TERMINATED"})
-    rows = rows[1:]
-    assert plots.varied_settings(rows, configs) == {"learning_rate": [1e-4, 1e-3, 3e-4, 3e-3, 2e-4],
-                                                    "r": [4, 8, 16, 32, 8]}
-    scores = plots.importances(rows, configs)
-    assert set(scores) == {"learning_rate", "r"} and sum(scores.values()) == pytest.approx(1.0)
-    bars = plots.param_importance(scores).axes[0].patches
-    assert len(bars) == 2
+def test_parameter_importance_plots_the_searchs_importances_most_important_on_top(sweep):
+    out, _, rows = sweep
+    paths = plots.write_plots(out, rows, search=True, importance={"r": 0.25, "learning_rate": 0.7, "bits": 0.05})
+    assert "param_importance" in paths  # the numbers come from sweep/search_summary.py, measured once
+    ax = plots.param_importance({"learning_rate": 0.7, "r": 0.25, "bits": 0.05}).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["bits", "r", "learning_rate"]
+    assert [round(b.get_width(), 2) for b in ax.patches] == [0.05, 0.25, 0.7]
 
 
 def test_report_is_self_contained_and_escapes_what_it_shows(sweep):
