@@ -11,15 +11,22 @@ SHIPPED = sorted((REPO / "search_spaces").glob("*.py"))
 
 
 def test_shipped_spaces_exist():
-    assert {p.name for p in SHIPPED} >= {"paper_grid.py", "smoke.py"}
+    assert {p.name for p in SHIPPED} >= {"paper_grid.py", "smoke.py", "paper_search.py", "smoke_search.py"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_space_loads_and_validates(path):
-    space = load_space(path)
-    planned = plan(expand(space, path), path, for_training=False)  # the paper grid's data and weights are on the Hub
-    assert len(planned) == len(space.trials) >= 1
-    assert all(p.trainable_params > 0 and p.cfg.target_modules for p in planned)
+    from sweep.driver import SweepOptions, plan_sweep
+
+    # the paper spaces' data and weights are on the Hub: validate and count only
+    p = plan_sweep(SweepOptions(space=str(path), baseline=False), for_training=False)
+    if p.spec is None:
+        assert len(p.planned) == len(p.space.trials) >= 1
+        assert all(t.trainable_params > 0 and t.cfg.target_modules for t in p.planned)
+    else:  # a search: its seeds fit its axes, every targets choice resolves on the model
+        assert p.num_samples >= len(p.spec.seeds) == len(p.space.trials) and p.spec.axes
+        assert all(p.shapes.per_r[label] > 0 and p.shapes.modules[label] for label in p.spec.target_labels)
+        assert p.space.early_stopping is not None and p.spec.fixed["eval_every"] > 0
 
 
 def test_paper_grid_is_the_posts_four_trials():
