@@ -43,7 +43,7 @@ class SweepOptions:
 def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
     """A search space's checked search, with its targets choices resolved and counted on the model."""
     from sweep.plan import TargetShapes, plan
-    from sweep.search import corner_configs, resolve_search
+    from sweep.search import bits_choices, corner_configs, resolve_search
 
     spec = resolve_search(space, opts.space, sets)
     if opts.num_samples is not None:
@@ -51,7 +51,7 @@ def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
             raise UserError(f"--num-samples must be at least {max(1, len(spec.seeds))} (the space's seed trials)")
         spec = replace(spec, search=replace(spec.search, num_samples=opts.num_samples))
     corners = plan(corner_configs(spec), opts.space, for_training=for_training,
-                   describe=lambda c: f"Search.axes ({c.name})")
+                   describe=lambda c: f"Search.axes ({c.name})", also_bits=bits_choices(spec))
     shapes = TargetShapes.from_corners(corners)
     first = corners[0].cfg  # model and data paths made absolute by the plan step
     return replace(spec, fixed={**spec.fixed, "model": first.model, "dataset": first.dataset}), shapes

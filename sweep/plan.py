@@ -135,10 +135,11 @@ def _absolute(value: str) -> str:
 
 
 def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
-         describe: Callable[[TrialConfig], str] = _describe) -> list[PlannedTrial]:
+         describe: Callable[[TrialConfig], str] = _describe, also_bits: tuple[int, ...] = ()) -> list[PlannedTrial]:
     """Resolve and count every trial. ``for_training`` also checks that the data and weights can be
     had (a dry run needs neither: only configs, which are bundled for the post's model). ``describe``
-    names a config in messages (a search's corners are not trials of the space file)."""
+    names a config in messages (a search's corners are not trials of the space file); ``also_bits``
+    sizes each as if its base had these bits too, keeping the largest estimate (a search's bits choices)."""
     from peft import get_peft_model
 
     from trainers.data import DataError, check_available
@@ -171,6 +172,7 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
             fail(cfg, "targets", e)
         peft_model = get_peft_model(model, lora_config(cfg))
         trainable, total = peft_model.get_nb_trainable_parameters()
-        gpu_gb = estimate_gpu_gb(cfg, peft_model, trainable) if cfg.device == "cuda" else 0.0
+        gpu_gb = max(estimate_gpu_gb(replace(cfg, bits=b), peft_model, trainable)
+                     for b in {cfg.bits, *also_bits}) if cfg.device == "cuda" else 0.0
         out.append(PlannedTrial(cfg, trainable, total, gpu_gb))
     return out

@@ -202,14 +202,16 @@ def _seed_point(i: int, trial, axes: dict[str, Axis], fixed: dict, path) -> dict
 
 
 def corner_configs(spec: SearchSpec) -> list[TrialConfig]:
-    """The largest r with each targets choice and each bits choice: what the plan step resolves (module
-    names), counts (trainable parameters are linear in r) and sizes (GPU memory), instead of every sample."""
+    """Each targets choice at the largest r: what the plan step resolves (module names), counts (trainable
+    parameters are linear in r) and sizes (GPU memory, with every bits choice: ``bits_choices``)."""
     first = {n: axis_values(a)[0] for n, a in spec.axes.items()}
     r = max(axis_values(spec.axes["r"])) if "r" in spec.axes else spec.fixed["r"]
-    bits = axis_values(spec.axes["bits"]) if "bits" in spec.axes else [spec.fixed["bits"]]
-    corners = [(label, b) for label in spec.target_labels for b in bits]
-    return [_config({**spec.fixed, **first, "targets": label, "bits": b, "r": r}, index=i,
-                    name=f"targets={label} r={r} bits={b}") for i, (label, b) in enumerate(corners)]
+    return [_config({**spec.fixed, **first, "targets": label, "r": r}, name=f"targets={label} r={r}", index=i)
+            for i, label in enumerate(spec.target_labels)]
+
+
+def bits_choices(spec: SearchSpec) -> tuple[int, ...]:
+    return tuple(axis_values(spec.axes["bits"])) if "bits" in spec.axes else (spec.fixed["bits"],)
 
 
 def max_steps(values: dict, axes: dict[str, Axis] | None = None) -> int:

@@ -86,8 +86,9 @@ def dry_run_search(spec: SearchSpec, shapes: TargetShapes, space: Space, num_sam
 
 
 def time_saved(outcomes: dict[str, TrialOutcome], devices: float) -> tuple[float, float, float] | None:
-    """(device-seconds the searched trials held, device-seconds early stopping saved, steps it skipped), the
-    saving at the finished trials' pace: training seconds per step, of the same targets and bits where any."""
+    """(device-seconds the searched trials ran, by Ray's time_total_s x their share of a device; device-seconds
+    early stopping saved; steps it skipped), the saving at the finished trials' pace: training seconds per
+    step, of the same targets and bits where any."""
     trials = [o for o in outcomes.values() if o.point is not None]
     done = [o for o in trials if o.result is not None and o.result.train_steps]
     if not done:
@@ -117,7 +118,7 @@ def search_section(spec: SearchSpec, space: Space, rows: list[dict], metric: str
     if saving is not None:
         unit = "GPU" if spec.fixed["device"] == "cuda" else "CPU-trial"
         held, saved, skipped = saving
-        lines.append(f"{unit} time: the searched trials held {held / 60:.1f} {unit}-min; early stopping skipped "
+        lines.append(f"{unit} time: the searched trials ran {held / 60:.1f} {unit}-min; early stopping skipped "
                      f"{skipped:.0f} optimizer steps, about {saved / 60:.1f} {unit}-min at the finished trials' pace "
                      f"({100 * saved / (held + saved) if held + saved else 0:.0f}% of running every trial to its end)")
     best = next((r for r in rows if r["best"]), None)

@@ -59,7 +59,8 @@ class TrialOutcome:
     evals: tuple[tuple[int, float], ...] = ()
     """(step, eval loss) of its held-out evals during training."""
     seconds: float | None = None
-    """Wall time Ray Tune ran it (its ``time_total_s``): what it held its GPU for."""
+    """How long it ran: Ray Tune's ``time_total_s``, from the trainable's start (setup included, process
+    start not) to its last report."""
 
 
 def write_json(path: Path, data: dict) -> None:

