@@ -189,8 +189,9 @@ def open_tracker(opts: SweepOptions, manifest: dict, out: Path, plan) -> MLflowT
 
 
 def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker, shares: dict[str, float]) -> dict:
-    """Run (or restore) each unfinished experiment in order; returns the manifest as it ends. A Ctrl-C'd
-    experiment stays unfinished, and those after it wait for the resume."""
+    """Run (or restore) each unfinished experiment in order; returns the manifest as it ends. An interrupted
+    (Ctrl-C'd) experiment stays unfinished and those after it wait for the resume; one with failed trials
+    stays unfinished too (a rerun retries them, as Ray's restore does) but does not hold the others up."""
     from sweep.callbacks import TrialEvents
     from sweep.searchers import stop_reason
     from sweep.tuner import build_tuner, collect
@@ -204,10 +205,14 @@ def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker
                     earlier=collect(out, experiments[:i]) if i else {}).fit()
         outcomes = collect(out, [exp]).values()
         ended = exp["name"] in sweepdir.budget_ends(out)
-        if not all(o.status in (sweepdir.TERMINATED, sweepdir.STOPPED) or o.reason for o in outcomes) or (
-                "samples" in exp and len(outcomes) < exp["samples"] and not ended):
+        if any(o.status == sweepdir.INTERRUPTED or (o.status == sweepdir.NOT_RUN and not o.reason) for o in outcomes) \
+                or ("samples" in exp and len(outcomes) < exp["samples"] and not ended):
             break
-        experiments[i] = {**exp, "finished": True}
+        if any(o.status == sweepdir.ERROR for o in outcomes):
+            continue
+        # a search a budget ended keeps the samples it made: an --extend counts from there
+        made = {"samples": len(outcomes)} if "samples" in exp and ended else {}
+        experiments[i] = {**exp, "finished": True, **made}
         manifest = sweepdir.update_manifest(out, manifest, experiments=experiments)
     return manifest
 
