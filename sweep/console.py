@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sweep import sweepdir
 from sweep.progress import PENDING, RUNNING, SweepProgress, TrialProgress, clock
-from trainers.config import StepReport, TrialResult, report_kind
+from trainers.config import EvalReport, StepReport, TrialResult, report_kind
 from trainers.entry import log_path
 
 REDRAW_EVERY = 1.0  # seconds between redraws of the live block on a terminal
@@ -74,6 +74,8 @@ class Console:
             t.system = s.system or t.system
             if t.rate_from is None:
                 t.rate_from = (now, s.step)
+        elif kind == EvalReport.KIND:  # a periodic eval: early stopping judges the trial at its step
+            t.step = max(t.step, EvalReport.from_report(result).train_steps)
         elif kind == TrialResult.KIND:
             r = TrialResult.from_dict(result)
             t.result, t.step = r.to_dict(), r.train_steps
@@ -88,8 +90,9 @@ class Console:
         t = self.progress.trial(name)
         t.status, t.ended, t.error = status, time.time(), error
         self.progress.write(self.out)
-        self._event(t.line(time.time(), self._width()) + ("" if status == sweepdir.TERMINATED else f"  (log: {t.log})"),
-                    error=status not in (sweepdir.TERMINATED,) and bool(error))
+        ended_well = status in (sweepdir.TERMINATED, sweepdir.STOPPED)  # STOPPED: early stopping, not a fault
+        self._event(t.line(time.time(), self._width()) + ("" if ended_well else f"  (log: {t.log})"),
+                    error=not ended_well and bool(error))
 
     def trial_retrying(self, name: str, error: str) -> None:
         t = self.progress.trial(name)

@@ -147,9 +147,11 @@ class SweepProgress:
 
     def sweep_line(self, now: float) -> str:
         done, running, pending = self.counts()
-        failed = sum(t.status not in (PENDING, RUNNING, sweepdir.TERMINATED) for t in self.trials)
+        stopped = sum(t.status == sweepdir.STOPPED for t in self.trials)
+        failed = sum(t.status not in (PENDING, RUNNING, sweepdir.TERMINATED, sweepdir.STOPPED) for t in self.trials)
         eta = self.eta(now) if self.state == "running" else None
         return (f"sweep {self.name}: {done}/{len(self.trials)} done" + (f" ({failed} not finished)" if failed else "")
+                + (f" ({stopped} stopped early)" if stopped else "")
                 + f", {running} running, {pending} pending; elapsed {clock(now - self.started)}"
                 + (f", ETA ~{clock(eta)}" if eta is not None else ""))
 

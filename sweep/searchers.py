@@ -83,6 +83,7 @@ def searcher(spec: SearchSpec, *, samples_offset: int, seeds: list[dict], evalua
         return alg, SampleNamer(samples_offset, first=0), domains
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" note is not for the console
     flat = lambda p: {OPTUNA_PREFIX + k: v for k, v in p.items()}  # noqa: E731
     opt = _OptunaSearch(space={TUNE_POINT: domains}, metric=SCHEDULE_METRIC, mode="min",
                         points_to_evaluate=[flat(p) for p in seeds] or None,

@@ -19,7 +19,7 @@ from sweep.plan import PlannedTrial
 from sweep.progress import SweepProgress, TrialProgress, clock, device_text, this_driver
 from sweep.sweepdir import TrialOutcome, write_json
 from tests.conftest import REPO, make_result
-from trainers.config import StepReport, TrialConfig
+from trainers.config import EvalReport, StepReport, TrialConfig
 
 
 
@@ -56,7 +56,7 @@ def test_trial_line_shows_steps_losses_rate_device_and_eta(tmp_path, fake_time):
     con.trial_report("a", step(1, 7.0))
     fake_time[0] += 10  # 10 s for 9 steps after the first report: 36 steps left take 40 s more
     con.trial_report("a", step(10, 6.5, system={"cpu_utilization_percentage": 97.4}))
-    con.trial_report("a", {"report": "eval", "step": 10, "eval_loss": 6.25})  # a kind the console never saw
+    con.trial_report("a", EvalReport(train_steps=10, epoch=0.3, eval_loss=6.25).to_report())  # a periodic eval
     t = con.progress.trial("a")
     assert t.eta(fake_time[0]) == pytest.approx(62 / 0.9)  # 62 steps left at 9 steps per 10 s
     line = t.line(fake_time[0], width=3)
@@ -89,7 +89,8 @@ def test_plain_output_prints_events_blocks_and_errors_with_the_log(tmp_path, fak
     con.trial_ended("a", "STOPPED")  # statuses are free strings: issue 10's early stopping shows as is
     assert "[0:31] a STOPPED " in out.getvalue()
     assert con.progress.counts() == (2, 0, 1)
-    assert "2/3 done (2 not finished)" in con.progress.sweep_line(fake_time[0])
+    # early stopping ends a trial, it does not fail it: counted apart from the failed one
+    assert "2/3 done (1 not finished) (1 stopped early)" in con.progress.sweep_line(fake_time[0])
 
 
 def test_live_output_redraws_the_block_in_place(tmp_path, fake_time):
