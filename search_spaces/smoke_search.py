@@ -1,5 +1,5 @@
 """A search on the CPU: Optuna TPE over LoRA's own knobs, seeded with two of the post's trials, with ASHA
-stopping the worse trials early. Tiny random LLaMA, bundled data, offline, about two minutes on 2 cores.
+stopping the worse trials early. Tiny random LLaMA, bundled data, offline, a few minutes on 2 cores.
 
     python -m sweep.run search_spaces/smoke_search.py --dry-run                 # axes, ranges, parameter range
     python -m sweep.run search_spaces/smoke_search.py
