@@ -23,11 +23,11 @@ import traceback
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from sweep.axes import Budget, EarlyStopping, Search
 from sweep.cli import UserError
-from trainers.config import Settings, Targets, TrialConfig, trial_name
+from trainers.config import Settings, Targets, TrialConfig, name_problem, trial_name
 
 __all__ = ["Settings", "Space", "SpaceError", "Trial", "TrialConfig", "grid", "load_space", "parse_sets", "expand",
            "baseline_of"]
@@ -38,6 +38,7 @@ class SpaceError(UserError):
 
 
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+MAX_TRIALS = 10_000  # each one a fine-tune: more is a space that never ends (an endless generator)
 
 
 class Trial:
@@ -83,25 +84,50 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"space file not found: {path}")
-    try:
-        module = runpy.run_path(str(path), run_name="__space__")
-    except SyntaxError as e:
-        raise SpaceError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
-    except Exception as e:  # noqa: BLE001 - a space file is user code; report where it broke
-        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
-                     if Path(f.filename).resolve() == path.resolve()), "?")
-        msg = str(e) if isinstance(e, SpaceError) else f"{type(e).__name__}: {e}"
-        raise SpaceError(f"{path}:{line}: {msg}") from None
-    space = module.get("space")
+    space = _run_space_file(path, lambda: runpy.run_path(str(path), run_name="__space__")).get("space")
     if not isinstance(space, Space):
         raise SpaceError(f"{path}: must assign `space = Space(...)` (found {type(space).__name__})")
+    if (problem := name_problem(space.name)) is not None:
+        raise SpaceError(f"{path}: Space.name {_shown(space.name)} {problem}")
     if not isinstance(space.settings, Settings):
         raise SpaceError(f"{path}: Space.settings must be a Settings(...)")
-    if not isinstance(space.trials, (list, tuple)) or not all(isinstance(t, Trial) for t in space.trials):
+    trials = space.trials
+    if not isinstance(trials, Iterable) or isinstance(trials, (str, bytes)):
         raise SpaceError(f"{path}: Space.trials must be a list of Trial(...) / grid(...)")
-    if not space.trials and space.search is None:
+    # a generator runs the space file's code here, and an endless one must not hang the driver
+    trials = _run_space_file(path, lambda: tuple(itertools.islice(trials, MAX_TRIALS + 1)))
+    if len(trials) > MAX_TRIALS:
+        raise SpaceError(f"{path}: Space.trials has more than {MAX_TRIALS:,} trials")
+    if not all(isinstance(t, Trial) for t in trials):
+        raise SpaceError(f"{path}: Space.trials must be a list of Trial(...) / grid(...)")
+    if not trials and space.search is None:
         raise SpaceError(f"{path}: Space.trials must be a non-empty list of Trial(...) / grid(...), or give search=")
-    return space
+    return replace(space, trials=trials)
+
+
+def _run_space_file(path: Path, run):
+    """Run (part of) a space file: whatever it raises, even SystemExit or KeyboardInterrupt, becomes a
+    SpaceError naming the line, since a space file's only job is to assign ``space``."""
+    try:
+        return run()
+    except SyntaxError as e:
+        raise SpaceError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except BaseException as e:  # noqa: BLE001 - a space file is user code; report where it broke
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if Path(f.filename).resolve() == path.resolve()), "?")
+        if isinstance(e, SpaceError):
+            msg = str(e)
+        elif isinstance(e, SystemExit):
+            msg = f"calls sys.exit({e.code!r}); a space file must only assign `space`"
+        else:
+            msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise SpaceError(f"{path}:{line}: {' '.join(msg.split())}") from None
+
+
+def _shown(value) -> str:
+    """A value as an error message shows it: repr (so a newline cannot break the one line), shortened."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_sets(pairs: Sequence[str]) -> dict:
@@ -139,18 +165,41 @@ def _coerce(key: str, raw: str):
 def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[TrialConfig]:
     """Settings + each Trial (+ --set overrides) -> validated TrialConfigs with unique names."""
     base = dataclasses.asdict(space.settings)
-    configs, seen = [], set()
-    for i, t in enumerate(space.trials):
-        values = {**base, **t.overrides, "r": t.r, "targets": t.targets, "bits": t.bits, **(sets or {})}
-        name = t.name or trial_name(values)
-        if name in seen:
-            name = f"{name}-{i}"
-        seen.add(name)
-        cfg = TrialConfig.build(name=name, index=i, **values)
+    values = [{**base, **t.overrides, "r": t.r, "targets": t.targets, "bits": t.bits, **(sets or {})}
+              for t in space.trials]
+    configs = []
+    for i, (v, name) in enumerate(zip(values, trial_names(space.trials, values, path))):
+        cfg = TrialConfig.build(name=name, index=i, **v)
+        shown = _shown(name) if name_problem(name) else name  # a bad name could break the one line
         for fname, msg in cfg.problems():
-            raise SpaceError(f"{path}: trial {i} ({name}): field '{fname}' {msg}")
+            raise SpaceError(f"{path}: trial {i} ({shown}): field '{fname}' {msg}")
         configs.append(cfg)
     return configs
+
+
+def trial_names(trials: Sequence[Trial], values: list[dict], path) -> list:
+    """Each trial's name: its own, else ``r8-attention-4bit``. Names are directories, Ray trials and MLflow
+    runs, so they must differ even on a case-insensitive file system: two explicit names that clash are an
+    error; an automatic name that clashes gets ``-<index>`` (and a counter, should that be taken too)."""
+    taken: dict[str, int] = {}
+    for i, t in enumerate(trials):
+        if isinstance(t.name, str):
+            if t.name.lower() in taken:
+                raise SpaceError(f"{path}: trial {i} ({_shown(t.name)}): field 'name' is already used by trial "
+                                 f"{taken[t.name.lower()]}; trial names must differ (ignoring case)")
+            taken[t.name.lower()] = i
+    names = []
+    for i, (t, v) in enumerate(zip(trials, values)):
+        if t.name is not None:
+            names.append(t.name)
+            continue
+        name = candidate = trial_name(v)
+        k = 1
+        while candidate.lower() in taken:
+            candidate, k = f"{name}-{i}" + (f"-{k}" if k > 1 else ""), k + 1
+        taken[candidate.lower()] = i
+        names.append(candidate)
+    return names
 
 
 def baseline_of(cfg: TrialConfig) -> TrialConfig:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
@@ -103,8 +104,28 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_finite_number(v) -> bool:
+    """The one rule for "a number": int or float, not bool, not NaN or infinite (those pass a range check
+    such as ``x > 0`` and then fail inside a trial)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Trial and sweep names become directory names (trials/<name>, sweeps/<name>), Ray trial names and MLflow
+# run and experiment names: portable file-name characters only, starting with a letter or digit (so never
+# "", ".", ".." or a hidden file), short enough for every file system and for Ray's paths below them.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME_LENGTH = 100
+BASELINE_NAME = "base"
+SEED_LIMIT = 2**32  # numpy's seeds (the Trainer seeds numpy too) must be below 2**32
+
+
+def name_problem(name) -> str | None:
+    """Why ``name`` cannot name a trial or a sweep, or None when it can."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return "must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters (has {len(name)})"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +148,8 @@ class TrialConfig(Settings):
 
         def check(name, ok, msg):
             if not ok:
-                out.append((name, f"{msg}, got {getattr(self, name)!r}"))
+                got = repr(getattr(self, name))
+                out.append((name, f"{msg}, got {got if len(got) <= 80 else got[:77] + '...'}"))
 
         check("r", _is_int(self.r) and self.r > 0, "must be a positive integer")
         check("bits", self.bits in BITS and _is_int(self.bits), "must be one of 4, 8, 16")
@@ -135,19 +157,21 @@ class TrialConfig(Settings):
             check("targets", self.targets in TARGET_PRESETS,
                   "must be a preset (attention, all_linear) or a list of module names")
         else:
-            check("targets", len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets),
+            check("targets", isinstance(self.targets, tuple) and len(self.targets) > 0
+                  and all(isinstance(t, str) and t for t in self.targets),
                   "must be a non-empty list of module names")
         check("model", isinstance(self.model, str) and self.model.strip() != "", "must be a non-empty string")
         check("dataset", isinstance(self.dataset, str) and self.dataset.strip() != "", "must be a non-empty string")
         check("device", self.device in ("cuda", "cpu"), "must be 'cuda' or 'cpu'")
         check("trainer", self.trainer in ("fast", "reference"), "must be 'fast' or 'reference'")
         check("max_steps", _is_int(self.max_steps) and self.max_steps >= 0, "must be an integer >= 0")
-        check("lora_alpha", _is_num(self.lora_alpha) and self.lora_alpha > 0, "must be a positive number")
+        for name in ("lora_alpha", "learning_rate", "epochs"):
+            check(name, is_finite_number(getattr(self, name)) and getattr(self, name) > 0,
+                  "must be a finite positive number")
         check("alpha_rule", self.alpha_rule in ALPHA_RULES, "must be one of " + ", ".join(ALPHA_RULES))
-        check("lora_dropout", _is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
-        check("learning_rate", _is_num(self.learning_rate) and self.learning_rate > 0, "must be a positive number")
-        check("epochs", _is_num(self.epochs) and self.epochs > 0, "must be a positive number")
-        check("test_fraction", _is_num(self.test_fraction) and 0 < self.test_fraction < 1, "must be in (0, 1)")
+        check("lora_dropout", is_finite_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        check("test_fraction", is_finite_number(self.test_fraction) and 0 < self.test_fraction < 1,
+              "must be in (0, 1)")
         for name in ("batch_size", "grad_accum", "logging_steps", "max_new_tokens", "cpus_per_trial",
                      "checkpoint_every"):
             check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "must be an integer >= 1")
@@ -155,9 +179,14 @@ class TrialConfig(Settings):
         check("train_samples", _is_int(self.train_samples) and self.train_samples >= 10, "must be an integer >= 10")
         for name in ("heldout_prompts", "eval_every"):
             check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "must be an integer >= 0")
-        check("seed", _is_int(self.seed), "must be an integer")
+        check("seed", _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "must be an integer in [0, 2**32)")
         for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
+        # last: an automatic name is only bad because a field above is
+        problem = name_problem(self.name)
+        check("name", problem is None, problem or "")
+        check("name", problem or self.baseline or self.name.lower() != BASELINE_NAME,
+              f"'{BASELINE_NAME}' is reserved for the baseline row (the model before fine-tuning)")
         return out
 
     @classmethod

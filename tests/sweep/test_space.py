@@ -141,3 +141,24 @@ def test_dry_run_of_paper_grid_prints_the_posts_exact_counts():
 
 def test_trial_repr():
     assert repr(Trial(r=8, targets=["q_proj"], bits=4)) == "Trial(r=8, targets=('q_proj',), bits=4)"
+
+
+def test_automatic_names_never_collide_with_explicit_ones(tmp_path):
+    """Trial 1's automatic de-duplication (-1) would produce the name trial 2 gives itself: explicit names
+    are kept, automatic ones step around every name already taken (case-insensitively)."""
+    path = write_space(tmp_path / "s.py", trials='Trial(r=8, targets="attention", bits=4), '
+                                                 'Trial(r=8, targets="attention", bits=4), '
+                                                 'Trial(r=8, targets="attention", bits=4, name="R8-attention-4bit-1"), '
+                                                 'Trial(r=8, targets="attention", bits=4)')
+    names = [c.name for c in expand(load_space(path), path)]
+    assert names == ["r8-attention-4bit", "r8-attention-4bit-1-2", "R8-attention-4bit-1", "r8-attention-4bit-3"]
+
+
+def test_trials_may_be_any_iterable_even_a_generator(tmp_path):
+    path = tmp_path / "gen.py"
+    path.write_text("from sweep import Settings, Space, Trial\n"
+                    "space = Space(name='gen', settings=Settings(model='random:tiny-llama', dataset='d.jsonl'),"
+                    " trials=(Trial(r=r, targets='attention', bits=4) for r in (4, 8)))\n")
+    space = load_space(path)
+    assert [c.name for c in expand(space, path)] == ["r4-attention-4bit", "r8-attention-4bit"]
+    assert [c.name for c in expand(space, path)] == ["r4-attention-4bit", "r8-attention-4bit"]  # not used up
