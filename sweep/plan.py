@@ -143,26 +143,28 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
     from peft import get_peft_model
 
     from trainers.data import DataError, check_available
+    from trainers.data_checks import check_split
     from trainers.models import ModelError, check_weights_available, load_config, lora_config, meta_model, resolve_targets
 
     def fail(cfg: TrialConfig, field: str, e: Exception):
         raise SpaceError(f"{space_path}: {describe(cfg)}: field '{field}': {e}") from None
 
-    model_configs, datasets_ok, out = {}, set(), []
+    model_configs, dataset_rows, out = {}, {}, []
     for cfg in configs:
         cfg = replace(cfg, model=_absolute(cfg.model), dataset=_absolute(cfg.dataset))
-        if for_training and cfg.dataset not in datasets_ok:
+        if for_training:
             try:
-                check_available(cfg.dataset)
+                if cfg.dataset not in dataset_rows:
+                    dataset_rows[cfg.dataset] = check_available(cfg.dataset)
+                check_split(cfg.dataset, dataset_rows[cfg.dataset], cfg.train_samples, cfg.test_fraction)
             except DataError as e:
                 fail(cfg, "dataset", e)
-            datasets_ok.add(cfg.dataset)
         key = (cfg.model, cfg.trust_remote_code)
         if key not in model_configs:
             try:
                 model_configs[key] = load_config(cfg.model, cfg.trust_remote_code)
                 if for_training:
-                    check_weights_available(cfg.model)
+                    check_weights_available(cfg.model, cfg.trust_remote_code)
             except ModelError as e:
                 fail(cfg, "model", e)
         model = meta_model(model_configs[key])

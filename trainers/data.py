@@ -62,6 +62,8 @@ def load_rows(source: str):
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs the first line
+        while e.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the reason
+            e = e.__cause__
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "corresponds to no data" in first:  # datasets' words for a file with no rows
             raise DataError(f"dataset '{source}' is empty") from None
@@ -74,24 +76,35 @@ def load_rows(source: str):
     return ds.select_columns(list(COLUMNS))
 
 
-def check_available(source: str) -> None:
-    """Fail now, in the driver, on a dataset no trial could load: a local file that is missing,
-    unreadable, empty or without the columns; or a Hub id while the Hub is unreachable and the
-    dataset is not in the local cache. (A reachable Hub dataset is left to the trials to download.)"""
+def check_available(source: str) -> int:
+    """Fail now, in the driver, on a dataset no trial could use: a local file that is missing, unreadable,
+    not UTF-8, with a broken line, without the columns or with a null, empty or non-text field; or a Hub id
+    while the Hub is unreachable and the dataset is not in the local cache. Returns its number of rows
+    (``data_checks.check_split`` then checks each trial's split)."""
+    from trainers.data_checks import check_text_file, check_values
     from trainers.models import hub_reachable
 
-    if local_path(source) is not None:
-        load_rows(source)
-        return
-    if hub_reachable():
-        return
+    path, lines = local_path(source), None
+    if path is not None:
+        if path.is_file() and path.suffix.lower() != ".parquet":
+            lines = check_text_file(path, COLUMNS)
+        ds = load_rows(source)
+    elif hub_reachable():
+        ds = load_rows(source)  # the driver's download fills the cache the trials on this machine read
+    else:
+        ds = _load_cached(source)
+    check_values(ds, source, COLUMNS, lines)
+    return len(ds)
+
+
+def _load_cached(source: str):
     import datasets
     import huggingface_hub.constants
 
     # the Hub is down anyway: answer from the cache at once instead of after the client's retries
     huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
-        load_rows(source)
+        return load_rows(source)
     except DataError:
         raise DataError(f"dataset '{source}': the Hugging Face Hub is unreachable and it is not cached; point the "
                         "dataset at a local .jsonl/.csv/.parquet file (--set dataset=path)") from None

@@ -10,6 +10,7 @@ Model ids:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -199,9 +200,12 @@ def _build_device() -> str:
     return "cuda" if torch.cuda.is_available() and not shared else "cpu"
 
 
-def check_weights_available(model_id: str) -> None:
+def check_weights_available(model_id: str, trust_remote_code: bool = False) -> None:
     """Raise ModelError unless a trial could load this model's weights: bundled random, local, Hub or cache."""
-    if model_id.startswith("random:") or Path(model_id).is_dir() or hub_reachable():
+    if Path(model_id).is_dir():
+        check_local_checkpoint(Path(model_id), trust_remote_code)
+        return
+    if model_id.startswith("random:") or hub_reachable():
         return
     try:  # a warm HF cache works offline
         from huggingface_hub import snapshot_download
@@ -214,11 +218,33 @@ def check_weights_available(model_id: str) -> None:
         ) from None
 
 
+def check_local_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
+    """A local model directory holds weights (every shard its index names) and a tokenizer: a directory
+    with only config.json passes the config check and would fail in every trial instead."""
+    index = next((p for p in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json")
+                  if p.is_file()), None)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"model directory {path}: {index.name} cannot be read") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ModelError(f"model directory {path}: weight file {missing[0]} named in {index.name} is missing")
+    elif not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ModelError(f"model directory {path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    try:
+        load_tokenizer(str(path), trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"model directory {path}: no usable tokenizer ({first})") from None
+
+
 def checkpoint_path(cfg) -> str:
     """Where from_pretrained reads weights: the Hub id, the local directory or the materialized random model."""
     if cfg.model.startswith("random:"):
         return str(materialize_random(cfg.model.removeprefix("random:"), cfg.seed))
-    check_weights_available(cfg.model)
+    check_weights_available(cfg.model, cfg.trust_remote_code)
     return cfg.model
 
 
