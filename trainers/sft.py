@@ -90,6 +90,7 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         learning_rate=cfg.learning_rate,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show as NaN (trainers/guards.py fails the trial on it)
         max_length=None if fast else cfg.max_seq_length,  # fast: truncated by tokenize() already
         padding_free=fast,
         dataset_text_field="text",  # the post trains on the whole templated text

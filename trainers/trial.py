@@ -26,6 +26,7 @@ from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERAT
                              is_quantized, perplexity)
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
+from trainers.guards import FiniteLossGuard, check_finite
 from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config
 from trainers.sft import make_trainer, tokenize
 from trainers.sysmetrics import SystemSampler
@@ -173,8 +174,8 @@ def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from
     """4. train, with ``evaluate`` (the held-out loss) every ``eval_every`` steps (the baseline trains nothing)."""
     steps = StepReporter(report, sampler)
     evals = PeriodicEval(cfg.eval_every, report, evaluate, on_checkpoint is not None) if cfg.eval_every else None
-    callbacks = [steps, *([evals] if evals else []), *([CheckpointReporter(on_checkpoint, evals)] if on_checkpoint
-                                                      else []), *faults.injectors(cfg.name)]
+    callbacks = [FiniteLossGuard(), steps, *([evals] if evals else []),
+                 *([CheckpointReporter(on_checkpoint, evals)] if on_checkpoint else []), *faults.injectors(cfg.name)]
     trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
                            checkpoints=on_checkpoint is not None)
     steps.tokens = lambda: trainer.real_tokens
@@ -230,6 +231,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     clock = time.perf_counter()
     eval_loss = evaluate()
+    check_finite("eval loss", eval_loss)
     eval_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
                            cfg.max_new_tokens)
