@@ -17,6 +17,7 @@ quality: it trained fewer steps and made no generations.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -106,10 +107,11 @@ def _add_quality(rows: list[dict], metric: str) -> None:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**r, "best": "true" if r["best"] else "false"} for r in rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, "best": "true" if r["best"] else "false"} for r in rows)
+    sweepdir.write_text(path, buffer.getvalue())  # atomic: a full disk leaves the previous table, not half of one
 
 
 def _fmt(x, spec: str) -> str:
@@ -227,8 +229,8 @@ def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, Tr
     rows = build_rows(planned, outcomes, metric)
     write_csv(rows, out / "summary.csv")
     md = to_markdown(rows, title, metric)
-    (out / "summary.md").write_text(md)
-    (out / "samples.md").write_text(samples_markdown(rows, load_generations(out, rows), max_new_tokens))
+    sweepdir.write_text(out / "summary.md", md)
+    sweepdir.write_text(out / "samples.md", samples_markdown(rows, load_generations(out, rows), max_new_tokens))
     return rows, md
 
 

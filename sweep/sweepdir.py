@@ -14,6 +14,7 @@ old or the new version, never half of one. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -26,6 +27,7 @@ from sweep.cli import UserError
 from trainers.config import TrialConfig, TrialResult
 
 SWEEP_MANIFEST, LEDGER, BUDGETS = "sweep.json", "ledger.json", "budget.json"
+MANIFEST_KEYS = ("sweep_id", "name", "space_fingerprint", "mlflow_uri")
 TUNE_DIR = "tune"  # Ray Tune's first experiment directory inside the sweep directory
 TRIALS_DIR = "trials"  # each finished (or stopped) trial's result files, copied from its checkpoint
 LOGS_DIR = "logs"  # each trial's output (logs/<trial>.log) and the driver's library logs (logs/driver.log)
@@ -64,32 +66,99 @@ class TrialOutcome:
 
 
 def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text(path: Path, text: str) -> None:
+    """The one atomic write: a temp file, flushed to disk, renamed over ``path``. A driver killed at any
+    instant, or a disk that fills up, leaves the old file whole and no temp file behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name the record
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def read_json(path: Path) -> dict:
+    """A record of ours ({} when absent); one that cannot be read or parsed is a UserError naming it."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+    except (ValueError, UnicodeDecodeError) as e:  # cut short, empty, overwritten
+        raise damaged(path, f"not valid JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def damaged(path: Path, why: str) -> UserError:
+    if path.name == LEDGER:  # Ray Tune's own state knows which trials finished; the ledger only mirrors it
+        remedy = "restore it, or delete it (the sweep still resumes; only this record of finished trials is lost)"
+    else:
+        remedy = "restore it from a backup"
+    return UserError(f"{path} is damaged ({' '.join(why.split())}): {remedy}, or pass --fresh to move this sweep "
+                     "aside and start over")
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / SWEEP_MANIFEST
+    manifest = read_json(path)
+    bad = [k for k in MANIFEST_KEYS if not isinstance(manifest.get(k), str)]
+    if bad:
+        raise damaged(path, f"field '{bad[0]}' is missing or not text")
+    exps = manifest.get("experiments")
+    if exps is not None and not (isinstance(exps, list) and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] for e in exps)):
+        raise damaged(path, "field 'experiments' is not a list of named experiments")
+    return manifest
+
+
+def read_ledger(out: Path) -> dict:
+    path = out / LEDGER
+    entries = read_json(path)
+    for fp, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
+            raise damaged(path, f"entry {fp[:40]!r} has no status")
+    return entries
+
+
+def check_tune_state(out: Path, manifest: dict) -> None:
+    """Each experiment's pickled Tuner, read the way Tune.restore will read it: a damaged one is named now
+    rather than failing after Ray has started."""
+    for exp in experiments(manifest):
+        path = out / exp["name"] / "tuner.pkl"
+        if not path.is_file():
+            continue
+        import ray.cloudpickle as pickle  # Ray itself stays down: this only imports it
+
+        try:
+            pickle.loads(path.read_bytes())
+        except Exception as e:  # noqa: BLE001 - unpickling raises whatever the damage makes of the bytes
+            raise damaged(path, f"{type(e).__name__}: {e}") from None
 
 
 def record_trial(sweep_dir: Path, fingerprint: str, name: str, status: str, error: str = "", **extra) -> None:
     """Note a trial's end in the ledger (called from the driver's single Tune callback thread); ``extra``:
     for a stopped trial, why and at which step."""
     path = Path(sweep_dir) / LEDGER
-    entries = read_json(path)
+    entries = read_ledger(Path(sweep_dir))
     entries[fingerprint] = {"trial": name, "status": status, "at": time.time(), "error": error, **extra}
     write_json(path, entries)
 
 
 def ledger(sweep_dir: Path) -> dict:
-    return read_json(Path(sweep_dir) / LEDGER)
+    return read_ledger(Path(sweep_dir))
 
 
 def record_budget_end(sweep_dir: str, experiment: str, reason: str, at: float) -> None:
@@ -100,37 +169,56 @@ def record_budget_end(sweep_dir: str, experiment: str, reason: str, at: float) -
 
 def budget_ends(sweep_dir: Path) -> dict[str, str]:
     """Experiment -> the budget that ended it."""
-    return {name: e["reason"] for name, e in read_json(Path(sweep_dir) / BUDGETS).items()}
+    path = Path(sweep_dir) / BUDGETS
+    ends = read_json(path)
+    if not all(isinstance(e, dict) and isinstance(e.get("reason"), str) for e in ends.values()):
+        raise damaged(path, "an entry has no reason")
+    return {name: e["reason"] for name, e in ends.items()}
 
 
 def finished_count(sweep_dir: Path) -> int:
-    return sum(e["status"] == TERMINATED for e in read_json(Path(sweep_dir) / LEDGER).values())
+    return sum(e["status"] == TERMINATED for e in read_ledger(Path(sweep_dir)).values())
 
 
 def existing_manifest(out: Path, fingerprint: str, *, fresh: bool, resume: bool, extend: bool = False) -> dict | None:
-    """The manifest of the sweep in ``out`` (to resume or extend, or with --fresh to move aside), or None.
-    Only reads. With ``extend`` a changed space is the caller's to check (``sweep.extend``)."""
-    manifest = read_json(out / SWEEP_MANIFEST) if (out / SWEEP_MANIFEST).is_file() else None
-    if manifest is None and (out / TUNE_DIR).exists():
-        raise UserError(f"{out} holds a Ray experiment that is not a lora-sweep sweep; pass another --output")
-    if manifest is not None and fresh:
-        return manifest
+    """The manifest of the sweep in ``out`` to resume or extend, or None for a new sweep. With --fresh an
+    existing sweep, even a damaged one, is moved aside later (``needs_moving_aside``). Only reads; every
+    record is checked before any of it is believed. With ``extend`` a changed space is the caller's to
+    check (``sweep.extend``)."""
+    if fresh and needs_moving_aside(out):
+        return None
+    manifest = read_manifest(out) if (out / SWEEP_MANIFEST).is_file() else None
     if manifest is None:
+        if (out / TUNE_DIR).exists():
+            raise UserError(f"{out} holds a Ray experiment that is not a lora-sweep sweep; pass another --output")
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty and holds no lora-sweep sweep (no {SWEEP_MANIFEST}); pass another "
+                            "--output")
         if resume or extend:
             raise UserError(f"--{'resume' if resume else 'extend'}: no sweep to {'resume' if resume else 'extend'} "
                             f"in {out}")
         return None
+    finished = finished_count(out)
+    budget_ends(out)
+    check_tune_state(out, manifest)
     if manifest["space_fingerprint"] != fingerprint and not extend:
         raise UserError(
             f"{out} was started from a different space (fingerprint {manifest['space_fingerprint']}, now "
             f"{fingerprint}): the space file or --set values changed; restore them to resume, pass --extend to "
             "grow the sweep by the trials or samples added, or --fresh to move the old sweep aside and start over")
-    print(f"resuming sweep {manifest['name']} in {out}: {finished_count(out)} trial(s) already finished", flush=True)
+    print(f"resuming sweep {manifest['name']} in {out}: {finished} trial(s) already finished", flush=True)
     return manifest
+
+
+def needs_moving_aside(out: Path) -> bool:
+    """--fresh moves a sweep aside: a directory with our manifest, even one that cannot be read."""
+    return (out / SWEEP_MANIFEST).exists()
 
 
 def check_writable(out: Path) -> None:
     """Before anything starts, and without creating anything: can the sweep directory be made and written?"""
+    if out == out.parent:
+        raise UserError(f"--output {out} is a file system root, not a directory for a sweep")
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -139,9 +227,17 @@ def check_writable(out: Path) -> None:
 
 
 def move_aside(out: Path) -> Path:
-    """--fresh: keep the old sweep next to the new one (nothing is ever deleted)."""
-    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.rename(aside)
+    """--fresh: keep the old sweep next to the new one (nothing is ever deleted), under a name not yet taken
+    (two --fresh runs within one second must not collide)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    try:
+        out.rename(aside)
+    except OSError as e:
+        raise UserError(f"--fresh: cannot move {out} aside to {aside}: {e.strerror}") from None
     print(f"moved the previous sweep aside to {aside}", flush=True)
     return aside
 
@@ -161,7 +257,10 @@ def new_manifest(out: Path, *, name: str, space: str, fingerprint: str, mlflow_u
     experiments and, for a search, its identity (what an --extend must keep)."""
     manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": space, "space_fingerprint": fingerprint,
                 "mlflow_uri": mlflow_uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
-    write_json(out / SWEEP_MANIFEST, manifest)
+    try:
+        write_json(out / SWEEP_MANIFEST, manifest)
+    except OSError as e:
+        raise UserError(f"cannot write {out / SWEEP_MANIFEST}: {e.strerror}") from None
     return manifest
 
 
