@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from sweep.store import redact, strip_credentials, tracking_uri  # noqa: F401 - redact, tracking_uri re-exported
 
 from trainers.config import ADAPTER_DIR, GENERATIONS_JSON, GENERATIONS_MD, METRICS_FILE, EvalReport, StepReport, \
     TrialConfig, TrialResult
@@ -33,25 +34,6 @@ SYSTEM_PREFIX = "system/"  # where MLflow's own system metrics live, so its "Sys
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-def tracking_uri(flag: str | None) -> str:
-    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a relative SQLite path is made absolute
-    so that a resume started from another directory finds the same store."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password, for logs and the manifest (MLflow also takes credentials from
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which never reach a file)."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
 def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params = {k: str(getattr(cfg, k)) for k in TRIAL_PARAMS}
     params["targets"] = cfg.targets_label
@@ -62,9 +44,12 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
 
 class MLflowTracker:
     def __init__(self, uri: str, experiment: str, sweep_id: str):
-        self.uri, self.experiment, self.sweep_id = uri, experiment, sweep_id
+        # never a credential here: Ray pickles this object into tune/tuner.pkl (and older sweeps' pickles
+        # may still carry one, hence the strip on the way in too)
+        self.uri, self.experiment, self.sweep_id = strip_credentials(uri), experiment, sweep_id
         self._client = self._experiment_id = self._parent_id = None
         self._runs: dict[str, str] = {}  # trial fingerprint -> child run id (a cache of MLflow's answer)
+        self._last_step: dict[str, int] = {}  # trial fingerprint -> last step logged (likewise)
 
     def __getstate__(self):  # Ray pickles the callback holding this into its experiment state
         return {"uri": self.uri, "experiment": self.experiment, "sweep_id": self.sweep_id}
@@ -78,6 +63,9 @@ class MLflowTracker:
         if self._client is None:
             from mlflow import MlflowClient
 
+            # MLflow prints "View run ... at <uri>" for every run it closes on a server: noise, and where
+            # the URI once carried a password, a leak
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             self._client = MlflowClient(tracking_uri=self.uri)
             exp = self._client.get_experiment_by_name(self.experiment)
             self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(
@@ -141,15 +129,26 @@ class MLflowTracker:
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
     def finish(self, summary_dir: Path, rows: list[dict], failed: bool) -> None:
-        self._close_running_trials()  # trials an interrupt (Ctrl-C) stopped
-        for name in ("summary.md", "summary.csv", "samples.md", "report.html"):
-            if (summary_dir / name).is_file():
-                self.client.log_artifact(self.parent_id, str(summary_dir / name))
-        if (summary_dir / "plots").is_dir():
-            self.client.log_artifacts(self.parent_id, str(summary_dir / "plots"), artifact_path="plots")
-        table = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
-        self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")
-        self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+        try:
+            self._close_running_trials()  # trials an interrupt (Ctrl-C) stopped
+            for name in ("summary.md", "summary.csv", "samples.md", "report.html"):
+                if (summary_dir / name).is_file():  # a full disk may have stopped the driver writing them
+                    self.client.log_artifact(self.parent_id, str(summary_dir / name))
+            if (summary_dir / "plots").is_dir():
+                self.client.log_artifacts(self.parent_id, str(summary_dir / "plots"), artifact_path="plots")
+            table = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
+            self.client.log_table(self.parent_id, data=table, artifact_file="summary_table.json")
+        finally:  # whatever failed above, the parent run must not stay RUNNING
+            self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+
+    def close(self, status: str) -> None:
+        """End the sweep's runs when the driver leaves early: the parent as ``status`` (FAILED, KILLED),
+        trials still RUNNING as KILLED."""
+        try:
+            self._close_running_trials()
+        finally:
+            if self.parent_id is not None:
+                self.client.set_terminated(self.parent_id, status)
 
     def log_search(self, importance: dict[str, float], section: str) -> None:
         """On the parent run: each searched axis's importance (a metric per axis) and the search section."""
@@ -168,10 +167,17 @@ class MLflowTracker:
     def trial_step(self, param: dict, step: StepReport, timestamp: float) -> None:
         from mlflow.entities import Metric
 
+        run_id, fp = self._child(param), param["fingerprint"]
+        if fp not in self._last_step:
+            history = self.client.get_metric_history(run_id, STEP_METRICS[0])
+            self._last_step[fp] = max((m.step for m in history), default=-1)
+        if step.step <= self._last_step[fp]:
+            return  # a retried or resumed trial repeats steps MLflow already has: one point per step
         ms = int(timestamp * 1000)
         metrics = [Metric(k, float(getattr(step, k)), ms, step.step) for k in STEP_METRICS]
         metrics += [Metric(SYSTEM_PREFIX + k, float(v), ms, step.step) for k, v in step.system.items()]
-        self.client.log_batch(self._child(param), metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics)
+        self._last_step[fp] = step.step
 
     def trial_eval(self, param: dict, report: EvalReport, timestamp: float) -> None:
         """A held-out eval during training: the eval_loss curve, which the final eval loss ends."""
