@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 from sweep.cli import UserError
 from trainers.config import CUDA_OVERHEAD_GB
+
+LOOPBACK = "127.0.0.1"
+CLUSTER_MODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def check_address(address: str | None) -> None:
@@ -24,28 +29,65 @@ def check_address(address: str | None) -> None:
         raise UserError(f"Ray address {address} is unreachable ({getattr(e, 'strerror', None) or e})") from None
 
 
-def start_ray(address: str | None, dashboard_host: str, verbose: bool = False) -> None:
-    """Connect to ``address``, or start a Ray of our own on this machine, and print the dashboard URL.
-    Workers' output reaches the driver's console only with -v (``verbose``); trials write their own log
-    files either way (``trainers/entry.py``)."""
+def start_ray(address: str | None, dashboard_host: str, node_ip: str = LOOPBACK, verbose: bool = False) -> None:
+    """Connect to ``address``, or start a private Ray on this machine, and print the dashboard URL.
+
+    Without ``address`` the Ray is always a new one (``address="local"``): a plain ``ray.init()`` would
+    attach to a cluster someone else started on this machine with ``ray start``. It is bound to
+    127.0.0.1 (node IP, GCS, raylet, agents, workers), unless ``node_ip`` names this machine's address
+    so that others can join it. The Ray processes get neither the tracking credentials nor, as the job's
+    recorded entrypoint, a command line that still shows them. Workers' output reaches the driver's
+    console only with -v (``verbose``); trials write their own log files either way (``trainers/entry.py``).
+    """
     import ray
+
+    from sweep.store import hidden_credentials, redact_argv
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, the legacy engine prints nothing (the new one
     # still prints its start box and a TensorBoard hint); our console reports progress
+    argv, sys.argv = sys.argv, redact_argv(sys.argv)
     try:
-        if address:
-            ctx = ray.init(address=address, log_to_driver=verbose)
-        else:
-            ctx = ray.init(include_dashboard=dashboard_available(), dashboard_host=dashboard_host,
-                           log_to_driver=verbose)
+        with hidden_credentials(), loopback_only(node_ip == LOOPBACK):
+            if address:
+                ctx = ray.init(address=address, log_to_driver=verbose)
+            else:
+                ctx = ray.init(address="local", _node_ip_address=node_ip, include_dashboard=dashboard_available(),
+                               dashboard_host=dashboard_host, log_to_driver=verbose)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
+    finally:
+        sys.argv = argv
     url = getattr(ctx, "dashboard_url", None)
     if url:
         token = Path.home() / ".ray" / "auth_token"
         auth = f"; it asks for the token in {token}" if token.exists() else ""
         print(f"Ray dashboard: http://{url}{auth}", flush=True)
+    if not address and node_ip != LOOPBACK:
+        print(f"Ray head: {ctx.address_info['gcs_address']} (other machines join with ray start --address)",
+              flush=True)
+
+
+@contextlib.contextmanager
+def loopback_only(on: bool):
+    """Ray 2.60 binds its gRPC services to every interface unless the node's IP is 127.0.0.1, and resolves
+    an explicit 127.0.0.1 to the machine's address unless its cluster mode is off (the mode Ray uses on
+    macOS and Windows, read from this variable when Ray is imported, and by the processes ray.init starts).
+    Measured with ss -ltnp: every listening socket of the sweep's Ray then is on 127.0.0.1."""
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    from sweep.store import patched_env
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with patched_env({CLUSTER_MODE_VAR: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def dashboard_available() -> bool:
@@ -54,8 +96,6 @@ def dashboard_available() -> bool:
         return True
     print("Ray dashboard unavailable: install ray[default] for it", flush=True)
     return False
-
-
 
 
 def gpu_memory_gb() -> float:
@@ -110,18 +150,42 @@ def gpu_shares(planned, gpus_per_trial: float | str) -> dict[str, float]:
 
 
 def check_resources(planned, shares: dict[str, float]) -> None:
-    """Refuse sweeps whose trials could never be scheduled, instead of leaving them pending forever."""
+    """On a running cluster: refuse sweeps whose trials could never be scheduled, instead of leaving them
+    pending forever."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    max_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
-    max_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+    check_fits(planned, shares, max_cpus=max((n.get("CPU", 0) for n in nodes), default=0),
+               max_gpus=max((n.get("GPU", 0) for n in nodes), default=0))
+
+
+def check_local_resources(planned, gpus_per_trial: float | str) -> None:
+    """The same check before a local Ray starts, against the CPUs and GPUs Ray will find on this machine
+    (its own detection, so the answers agree); skipped if that detection is not available. With ``auto``
+    the shares are sized after start-up (they need the GPUs' memory); an auto share is at most one GPU."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+        from ray._private.utils import get_num_cpus
+
+        gpu = get_accelerator_manager_for_resource("GPU")
+        gpus = gpu.get_current_node_num_accelerators()
+        visible = gpu.get_current_process_visible_accelerator_ids()
+        if visible is not None:
+            gpus = min(gpus, len(visible))
+        cpus = get_num_cpus()
+    except Exception:  # noqa: BLE001 - private Ray helpers: if they move, the check after start-up remains
+        return
+    check_fits(planned, {} if gpus_per_trial == "auto" else gpu_shares(planned, gpus_per_trial), max_cpus=cpus,
+               max_gpus=gpus)
+
+
+def check_fits(planned, shares: dict[str, float], *, max_cpus: float, max_gpus: float) -> None:
     for p in planned:
         cfg = p.cfg
         if cfg.device == "cuda" and max_gpus == 0:
             raise UserError(f"trial {cfg.name} needs a CUDA GPU but the Ray cluster has none; run on a GPU machine, "
                             "pass --address of a GPU cluster, or --set device=cpu")
-        if cfg.device == "cuda" and shares[cfg.name] > max_gpus:
+        if cfg.device == "cuda" and shares.get(cfg.name, 0) > max_gpus:
             raise UserError(f"--gpus-per-trial {shares[cfg.name]:g} exceeds the {max_gpus:g} GPUs of the largest node")
         if cfg.cpus_per_trial > max_cpus:
             raise UserError(f"trial {cfg.name} needs {cfg.cpus_per_trial} CPUs; the largest node has {max_cpus:g}")

@@ -7,15 +7,22 @@ Ray started, the sweep's experiments run in order (``sweep/extend.py``), and the
 
 from __future__ import annotations
 
-import math
+import ipaddress
+import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sweep import sweepdir
-from sweep.cli import UserError
+from sweep import cluster, sweepdir
+from sweep.cli import RunError, UserError
+from sweep.cluster import LOOPBACK
+from sweep.lock import locked
 from sweep.space import baseline_of, expand, load_space, parse_sets
-from sweep.tracking import MLflowTracker, redact, tracking_uri
+from sweep.store import TrackingStore, check_store, patched_env, redact, strip_credentials, tracking_uri
+from sweep.tracking import MLflowTracker
+from trainers.config import is_finite_number, name_problem
+
+MIN_GPU_SHARE = 0.01  # Ray keeps resource amounts to four decimals; finer shares are not shares
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class SweepOptions:
     verbose: bool = False
     extend: bool = False
     num_samples: int | None = None
+    node_ip: str = LOOPBACK
 
 
 def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
@@ -92,6 +100,7 @@ def dry_run(opts: SweepOptions) -> int:
     from sweep.search_summary import dry_run_search
     from sweep.summary import dry_run_table
 
+    check_options(opts)
     p = plan_sweep(opts, for_training=False)
     if p.spec is None:
         print(f"sweep '{p.name}': {len(p.planned)} trials from {opts.space}\n")
@@ -105,48 +114,104 @@ def dry_run(opts: SweepOptions) -> int:
     return 0
 
 
-def run_sweep(opts: SweepOptions) -> int:
-    import ray
-
-    from sweep import cluster, extend
-    from sweep.console import DriverLogs
-
-    plan = plan_sweep(opts, for_training=True)
-    if opts.gpus_per_trial != "auto" and not (0 < opts.gpus_per_trial < math.inf):
-        raise UserError(f"--gpus-per-trial must be 'auto' or a number > 0, got {opts.gpus_per_trial}")
+def check_options(opts: SweepOptions) -> None:
+    """The command line's own numbers and names, before the space file is even read."""
+    gpus = opts.gpus_per_trial
+    if gpus != "auto":
+        if not is_finite_number(gpus) or gpus <= 0:
+            raise UserError(f"--gpus-per-trial must be 'auto' or a finite number > 0, got {gpus}")
+        if gpus < MIN_GPU_SHARE:
+            raise UserError(f"--gpus-per-trial must be at least {MIN_GPU_SHARE} (a hundredth of a GPU), got {gpus}")
+        if gpus > 1 and gpus != int(gpus):
+            raise UserError(f"--gpus-per-trial above 1 must be a whole number (Ray shares single GPUs only), got "
+                            f"{gpus}")
     if opts.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, got {opts.max_failures}")
+    if opts.name is not None and (problem := name_problem(opts.name)) is not None:
+        raise UserError(f"--name {opts.name!r} {problem}")
+    if opts.resume and opts.fresh:
+        raise UserError("--resume and --fresh contradict each other: pass one of them")
     if opts.extend and (opts.fresh or opts.resume):
         raise UserError("--extend grows a sweep: it cannot be combined with --fresh or --resume")
+    try:
+        ip = ipaddress.ip_address(opts.node_ip)
+    except ValueError:
+        raise UserError(f"--ray-node-ip must be an IP address of this machine, got {opts.node_ip!r}") from None
+    if ip.is_unspecified:
+        raise UserError(f"--ray-node-ip must be an address of this machine, not {opts.node_ip}")
+    if opts.address and opts.node_ip != LOOPBACK:
+        raise UserError("--ray-node-ip sets up the local Ray a sweep starts; with --address the cluster has its own")
+    try:
+        socket.getaddrinfo(opts.dashboard_host, None)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--dashboard-host {opts.dashboard_host!r} is not an address of this machine ({e})") from None
+
+
+def run_sweep(opts: SweepOptions) -> int:
+    """Every check that can refuse the sweep, then (holding the directory's lock) the run itself."""
+    from sweep import extend
+    from sweep.console import DriverLogs
+
+    check_options(opts)
+    plan = plan_sweep(opts, for_training=True)
     out = Path(opts.output or Path("sweeps") / plan.name).resolve()
     sweepdir.check_writable(out)
-    manifest = sweepdir.existing_manifest(out, plan.fingerprint, fresh=opts.fresh, resume=opts.resume,
-                                          extend=opts.extend)
-    added = extend.extension(manifest, plan, sweepdir.experiments(manifest)) if opts.extend else None
     cluster.check_address(opts.address)
+    if not opts.address:
+        cluster.check_local_resources(share_trials(plan), opts.gpus_per_trial)
+    with locked(out):
+        manifest = sweepdir.existing_manifest(out, plan.fingerprint, fresh=opts.fresh, resume=opts.resume,
+                                              extend=opts.extend)
+        added = extend.extension(manifest, plan, sweepdir.experiments(manifest)) if opts.extend else None
+        store = tracking_store(opts, out, manifest)
+        logs = DriverLogs(opts.verbose)  # from here on Ray's and MLflow's notes go to DIR/logs/driver.log
+        check_store(store)  # only a store that answered is ever recorded in sweep.json
+        return start(opts, plan, out, manifest, added, store, logs)
 
-    logs = DriverLogs(opts.verbose)  # from here on Ray's and MLflow's notes go to DIR/logs/driver.log
-    cluster.start_ray(opts.address, opts.dashboard_host, verbose=opts.verbose)
+
+def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> TrackingStore:
+    """The store the sweep writes to. A resumed sweep keeps the one its manifest records, so its runs
+    stay in one place; an explicit --mlflow-uri naming another is refused rather than ignored."""
+    live = TrackingStore.parse(tracking_uri(opts.mlflow_uri))
+    if manifest is None:
+        return live
+    recorded = strip_credentials(manifest["mlflow_uri"])
+    if recorded == live.uri:
+        return live
+    if opts.mlflow_uri:
+        raise UserError(f"the sweep in {out} tracks its runs in {recorded}; resume with that --mlflow-uri (or "
+                        "none), or pass --fresh to start a new sweep")
+    return TrackingStore(recorded)  # credentials, if it needs any, from MLflow's environment variables
+
+
+def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: list | None, store: TrackingStore,
+          logs) -> int:
+    import ray
+
+    from sweep import extend
+
+    cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
     try:
-        shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)
-        cluster.check_resources(share_trials(plan), shares)
-        if manifest is not None and opts.fresh:  # only now that nothing can refuse the run
-            sweepdir.move_aside(out)
-            manifest = None
-        sweepdir.prepare(out)
-        logs.to_file(out)
-        if manifest is None:
-            manifest = sweepdir.new_manifest(
-                out, name=plan.name, space=str(opts.space), fingerprint=plan.fingerprint,
-                mlflow_uri=redact(tracking_uri(opts.mlflow_uri)), experiments=extend.first_experiments(plan),
-                search_identity=plan.spec.identity() if plan.spec else None)
-        elif added is not None:
-            print(f"extending sweep {manifest['name']}: " + (", ".join(
-                f"{len(e['trials'])} new trial(s)" if "trials" in e else f"{e['samples']} more sample(s)"
-                for e in added) or "nothing to add (the space declares no trials or samples beyond it)"), flush=True)
-            manifest = sweepdir.update_manifest(out, manifest, space_fingerprint=plan.fingerprint,
-                                                experiments=sweepdir.experiments(manifest) + added)
-        return execute(opts, manifest, out, plan, shares)
+        with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
+            shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
+            cluster.check_resources(share_trials(plan), shares)
+            if opts.fresh and sweepdir.needs_moving_aside(out):  # only now that nothing can refuse the run
+                sweepdir.move_aside(out)
+            sweepdir.prepare(out)
+            logs.to_file(out)
+            if manifest is None:
+                manifest = sweepdir.new_manifest(
+                    out, name=plan.name, space=str(opts.space), fingerprint=plan.fingerprint, mlflow_uri=store.uri,
+                    experiments=extend.first_experiments(plan),
+                    search_identity=plan.spec.identity() if plan.spec else None)
+            elif added is not None:
+                print(f"extending sweep {manifest['name']}: " + (", ".join(
+                    f"{len(e['trials'])} new trial(s)" if "trials" in e else f"{e['samples']} more sample(s)"
+                    for e in added) or "nothing to add (the space declares no trials or samples beyond it)"),
+                    flush=True)
+                manifest = sweepdir.update_manifest(out, manifest, space_fingerprint=plan.fingerprint,
+                                                    experiments=sweepdir.experiments(manifest) + added)
+            return execute(opts, manifest, out, plan, store, shares)
     finally:
         ray.shutdown()
 
@@ -171,13 +236,9 @@ def sample_config(spec, shapes):
     return replace(cfg, target_modules=shapes.modules[cfg.targets_label])
 
 
-def open_tracker(opts: SweepOptions, manifest: dict, out: Path, plan) -> MLflowTracker:
-    """The sweep's MLflow parent run, created or reopened. The manifest's tracking store wins on resume,
-    so the sweep's runs stay in one place; the live URI is used when it names that store, since only it
-    carries any credentials."""
-    uri = tracking_uri(opts.mlflow_uri)
-    tracker = MLflowTracker(uri if redact(uri) == manifest["mlflow_uri"] else manifest["mlflow_uri"],
-                            experiment=manifest["name"], sweep_id=manifest["sweep_id"])
+def open_tracker(opts: SweepOptions, manifest: dict, out: Path, plan, store: TrackingStore) -> MLflowTracker:
+    """The sweep's MLflow parent run, created or reopened, in the store ``tracking_store`` chose."""
+    tracker = MLflowTracker(store.uri, experiment=manifest["name"], sweep_id=manifest["sweep_id"])
     first = plan.spec.fixed if plan.spec else plan.planned[0].cfg.to_dict()
     tracker.start({
         "space_file": str(opts.space), "trials": str(len(plan.planned) + plan.num_samples), "model": first["model"],
@@ -193,6 +254,7 @@ def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker
     (Ctrl-C'd) experiment stays unfinished and those after it wait for the resume; one with failed trials
     stays unfinished too (a rerun retries them, as Ray's restore does) but does not hold the others up."""
     from sweep.callbacks import TrialEvents
+    from sweep.guard import Guarded
     from sweep.searchers import stop_reason
     from sweep.tuner import build_tuner, collect
 
@@ -200,7 +262,7 @@ def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker
     for i, exp in enumerate(experiments):
         if exp.get("finished"):
             continue
-        callbacks = [TrialEvents(str(out), tracker, stop_reason(plan.space.early_stopping))]
+        callbacks = [Guarded(TrialEvents(str(out), tracker, stop_reason(plan.space.early_stopping)))]
         build_tuner(out, exp, plan, shares=shares, max_failures=opts.max_failures, callbacks=callbacks,
                     earlier=collect(out, experiments[:i]) if i else {}).fit()
         outcomes = collect(out, [exp]).values()
@@ -217,13 +279,22 @@ def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker
     return manifest
 
 
-def execute(opts: SweepOptions, manifest: dict, out: Path, plan, shares: dict[str, float]) -> int:
-    from sweep import console
+def execute(opts: SweepOptions, manifest: dict, out: Path, plan, store: TrackingStore,
+            shares: dict[str, float]) -> int:
+    """The experiments run; whatever happens, the table is written (or printed) and the MLflow runs are
+    closed before the driver leaves. Records that could not be written (a full disk, a store gone away)
+    end in one line and exit 1; anything unforeseen is re-raised after that, with its traceback."""
+    from sweep import console, guard
     from sweep.callbacks import close_stopped
     from sweep.summary import table_trials
     from sweep.tuner import collect
 
-    tracker = open_tracker(opts, manifest, out, plan)
+    guard.FAILURES.clear()
+    try:
+        tracker = open_tracker(opts, manifest, out, plan, store)
+    except Exception as e:  # noqa: BLE001 - it answered the probe a moment ago
+        raise RunError(f"the tracking store {store.uri} failed as the sweep started ({guard.describe(e)}); run the "
+                       "same command again once it answers") from None
     if shares:
         print("GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items()), flush=True)
     experiments = sweepdir.experiments(manifest)
@@ -232,59 +303,97 @@ def execute(opts: SweepOptions, manifest: dict, out: Path, plan, shares: dict[st
     search = f" and a search of {plan.num_samples} samples" if plan.spec else ""
     print(f"sweep {manifest['name']}: {len(plan.planned)} trial(s){search}; their output goes to "
           f"{out / sweepdir.LOGS_DIR}/", flush=True)
-    console.activate(live)
+    unexpected = None
     try:
-        manifest = run_experiments(opts, manifest, out, plan, tracker, shares)
+        console.activate(live)
+        try:
+            manifest = run_experiments(opts, manifest, out, plan, tracker, shares)
+        except Exception as e:  # noqa: BLE001 - first the table and the runs, from what the directory records
+            if isinstance(e, OSError):  # e.g. the manifest, on a full disk
+                guard.FAILURES.append(guard.describe(e))
+            elif not isinstance(e, guard.RecordingFailed):
+                unexpected = e
+        finally:
+            console.activate(None)
+            live.clear()  # an exception must not leave the live block on the terminal
         experiments = sweepdir.experiments(manifest)
-        outcomes = collect(out, experiments)
-    finally:
-        console.activate(None)
-        live.clear()  # an exception must not leave the live block on the terminal
-    live.close(outcomes)
-    close_stopped(out, tracker, outcomes)
-    planned = table_trials(plan, outcomes, experiments)
-    rows = write_results(opts, manifest, out, plan, planned, outcomes, tracker, shares)
+        outcomes = collect(out, experiments)  # a copy the full disk refuses is noted in guard.FAILURES
+        try:
+            live.close(outcomes)
+            close_stopped(out, tracker, outcomes)
+        except Exception as e:  # noqa: BLE001 - the progress file or the ledger on a full disk, the store
+            guard.FAILURES.append(guard.describe(e))
+        planned = table_trials(plan, outcomes, experiments)
+        rows, failure = write_results(opts, manifest, out, plan, planned, outcomes, tracker, shares,
+                                      failed=unexpected is not None)
+    except BaseException as e:  # Ctrl-C while reporting, a failure in the fallback: no run stays RUNNING
+        close_runs(tracker, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     for r in rows:
         if r["status"] == sweepdir.ERROR:
             print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
-    if any(r["status"] == sweepdir.INTERRUPTED or (r["status"] == sweepdir.NOT_RUN and not r["stop_reason"])
-           for r in rows):
+    if not failure and any(r["status"] == sweepdir.INTERRUPTED or (r["status"] == sweepdir.NOT_RUN
+                                                                  and not r["stop_reason"]) for r in rows):
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
+    if unexpected is not None:
+        raise unexpected
+    if failure:
+        raise RunError(f"the sweep stopped: {failure}. Fix that (free disk space, bring the tracking store back) "
+                       "and run the same command again to resume")
     return 1 if sweepdir.sweep_failed(rows) else 0
 
 
 def write_results(opts: SweepOptions, manifest: dict, out: Path, plan, planned, outcomes, tracker: MLflowTracker,
-                  shares: dict[str, float]) -> list[dict]:
+                  shares: dict[str, float], failed: bool = False) -> tuple[list[dict], str | None]:
     """The table (with its budget note and, for a search, its search section), samples, plots and
-    report.html in the sweep directory and on the parent MLflow run."""
+    report.html in the sweep directory and on the parent MLflow run, and what failed on the way. On a full
+    disk the table still reaches the console, and the runs are closed."""
+    from sweep import guard
     from sweep.plots import write_plots
     from sweep.report import write_report
     from sweep.search_summary import budget_note, report_search
-    from sweep.summary import write_reports
+    from sweep.summary import build_rows, to_markdown, write_reports
 
     experiments = sweepdir.experiments(manifest)
-    rows, md = write_reports(out, planned, outcomes, title=f"Sweep {manifest['name']}", metric=opts.metric,
-                             max_new_tokens=(plan.spec.fixed if plan.spec else planned[0].cfg.to_dict())[
-                                 "max_new_tokens"])
-    md += budget_note(out, rows, experiments)
-    importance = {}
-    if plan.spec is not None:
-        section, importance = report_search(out, plan, rows, outcomes, opts.metric, experiments, shares)
-        tracker.log_search(importance, section)
-        md += section
-    plots = write_plots(out, rows, search=plan.spec is not None, importance=importance)
-    write_report(out, manifest, planned, rows, plots, metric=opts.metric)
-    tracker.finish(out, rows, sweepdir.sweep_failed(rows))
+    failure, title = (guard.FAILURES or [None])[0], f"Sweep {manifest['name']}"
+    max_new_tokens = (plan.spec.fixed if plan.spec else planned[0].cfg.to_dict())["max_new_tokens"]
+    try:
+        rows, md = write_reports(out, planned, outcomes, title=title, metric=opts.metric,
+                                 max_new_tokens=max_new_tokens)
+        md += budget_note(out, rows, experiments)
+        importance = {}
+        if plan.spec is not None:
+            section, importance = report_search(out, plan, rows, outcomes, opts.metric, experiments, shares)
+            tracker.log_search(importance, section)
+            md += section
+        plots = write_plots(out, rows, search=plan.spec is not None, importance=importance)
+        write_report(out, manifest, planned, rows, plots, metric=opts.metric)
+    except OSError as e:  # a full disk: the table still reaches the console
+        failure = failure or guard.describe(e)
+        rows = build_rows(planned, outcomes, opts.metric)
+        md = to_markdown(rows, title, opts.metric)
+    failed = failed or failure is not None or sweepdir.sweep_failed(rows)
+    try:
+        tracker.finish(out, rows, failed)
+    except Exception as e:  # noqa: BLE001 - the store went away at the very end
+        failure = failure or f"closing the MLflow runs failed: {guard.describe(e)}"
     print("\n" + md + f"\nreport: {out / 'report.html'}  (the table, plots, generations side by side; opens from disk)"
           f"\nresults: {out}  (summary.md, samples.md, summary.csv, plots/, trials/<id>/adapter, logs/)"
-          f"\ncompare in MLflow: {mlflow_hint(manifest['mlflow_uri'], tracker.experiment_id)}", flush=True)
-    return rows
+          f"\ncompare in MLflow: {mlflow_hint(tracker.uri, tracker._experiment_id)}", flush=True)
+    return rows, failure
 
 
-def mlflow_hint(uri: str, experiment_id: str) -> str:
+def mlflow_hint(uri: str, experiment_id: str | None) -> str:
     """Where the sweep's runs open: MLflow 3.17's UI shows the GenAI trace overview unless the URL (or its
-    GenAI / Model training switch) asks for the runs. ``uri`` is the redacted one."""
+    GenAI / Model training switch) asks for the runs. ``uri`` carries no credentials."""
     runs = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{runs}"
     return f"mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{runs}"
+
+
+def close_runs(tracker: MLflowTracker, status: str) -> None:
+    try:
+        tracker.close(status)
+    except Exception as e:  # noqa: BLE001 - already leaving on another error; say this one in a line
+        print(f"warning: could not close the sweep's MLflow runs: {e}", file=sys.stderr)

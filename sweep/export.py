@@ -22,12 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sweep.cli import UserError, exit_code
+from sweep.cli import ArgumentParser, UserError, exit_code
 from trainers.config import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, TrialConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sweep.export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m sweep.export", description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir", metavar="DIR", help="a finished sweep directory (has summary.csv and trials/)")
     p.add_argument("--trial", default="best",
                    help="trial id, or 'best': the trial summary.csv marks best (by the sweep's --metric; default)")

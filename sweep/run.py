@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sweep.cli import exit_code
+from sweep.cli import ArgumentParser, exit_code
+from sweep.cluster import LOOPBACK
 from sweep.driver import SweepOptions
 
 
@@ -36,7 +37,7 @@ def gpus(value: str) -> float | str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m sweep.run", description=__doc__.split("\n")[0])
     p.add_argument("space", help="search-space file (Python), e.g. search_spaces/paper_grid.py")
     p.add_argument("--output", help="sweep directory (default: sweeps/<name>/)")
     p.add_argument("--name", help="sweep name: MLflow experiment and default directory (default: the space's name)")
@@ -49,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a setting for every trial, e.g. --set epochs=1 (repeatable)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="Ray dashboard bind address (default loopback: the dashboard can run arbitrary jobs)")
+    p.add_argument("--ray-node-ip", default=LOOPBACK, metavar="IP",
+                   help="the IP of the local Ray a sweep starts without --address (default 127.0.0.1: every Ray "
+                        "service listens on loopback only). Give this machine's IP to let other machines join it "
+                        "(ray start --address); Ray then listens on every interface: trusted networks only")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the 'base' row (the model before fine-tuning, evaluated like a trial)")
     p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "perplexity", "rouge_l",
@@ -56,13 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure that picks the best trial (default eval_loss)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failing trial, each from its latest checkpoint (default 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="require an interrupted sweep in the output directory (re-running the command resumes anyway)")
-    p.add_argument("--fresh", action="store_true",
-                   help="move an existing sweep directory aside (DIR.old-<time>) and start over; nothing is deleted")
-    p.add_argument("--extend", action="store_true",
-                   help="grow the sweep in the output directory by the trials or samples its space file (or "
-                        "--num-samples) now adds; finished trials are kept and a search is told their results")
+    again = p.add_mutually_exclusive_group()  # one way to treat an existing sweep directory
+    again.add_argument("--resume", action="store_true",
+                       help="require an interrupted sweep in the output directory (re-running the command resumes "
+                            "anyway)")
+    again.add_argument("--fresh", action="store_true",
+                       help="move an existing sweep directory aside (DIR.old-<time>) and start over; nothing is "
+                            "deleted")
+    again.add_argument("--extend", action="store_true",
+                       help="grow the sweep in the output directory by the trials or samples its space file (or "
+                            "--num-samples) now adds; finished trials are kept and a search is told their results")
     p.add_argument("--num-samples", type=int, metavar="N",
                    help="a search's samples in all, seeds included (default: the space file's num_samples)")
     p.add_argument("--dry-run", action="store_true",
@@ -79,6 +87,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         gpus_per_trial=args.gpus_per_trial, mlflow_uri=args.mlflow_uri, dashboard_host=args.dashboard_host,
         baseline=not args.no_baseline, metric=args.metric, max_failures=args.max_failures, resume=args.resume,
         fresh=args.fresh, verbose=args.verbose, extend=args.extend, num_samples=args.num_samples,
+        node_ip=args.ray_node_ip,
     )
 
 

@@ -117,7 +117,7 @@ def outcome(trial, tune_dir: Path, out: Path, ledger: dict, budget_end: str) -> 
     if report_kind(last) == TrialResult.KIND:
         source = final_result(trial_dir, fp) or (trial.checkpoint and Path(trial.checkpoint.path))
         if source and not (dest / METRICS_FILE).is_file():
-            shutil.copytree(source, dest, dirs_exist_ok=True)
+            copy_out(lambda: shutil.copytree(source, dest, dirs_exist_ok=True), dest)
         result = TrialResult.from_dict(last)
         return TrialOutcome(sweepdir.TERMINATED, result, steps=result.train_steps, **common)
     if trial.status != Trial.TERMINATED:  # the sweep was interrupted (Ctrl-C, a killed driver)
@@ -131,10 +131,23 @@ def outcome(trial, tune_dir: Path, out: Path, ledger: dict, budget_end: str) -> 
         return TrialOutcome(sweepdir.STOPPED, reason=reason, **common)
     checkpoint, report = evaluated[0], EvalReport.from_report(evaluated[1])
     if not (dest / ADAPTER_DIR).is_dir():
-        shutil.copytree(checkpoint / ADAPTER_DIR, dest / ADAPTER_DIR, dirs_exist_ok=True)
-        shutil.copy2(checkpoint / CONFIG_FILE, dest / CONFIG_FILE)
+        copy_out(lambda: (shutil.copytree(checkpoint / ADAPTER_DIR, dest / ADAPTER_DIR, dirs_exist_ok=True),
+                          shutil.copy2(checkpoint / CONFIG_FILE, dest / CONFIG_FILE)), dest / ADAPTER_DIR)
     return TrialOutcome(sweepdir.STOPPED, steps=report.train_steps, eval_loss=report.eval_loss, reason=reason,
                         **common)
+
+
+def copy_out(copy, dest: Path) -> None:
+    """Copy a trial's files out to DIR/trials/. A full disk must not lose the outcome (Tune's records hold
+    it): the half-made copy is removed, so the next run copies again, and the failure is noted for the
+    driver, which stops the sweep with it (``sweep/guard.py``)."""
+    from sweep import guard
+
+    try:
+        copy()
+    except OSError as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        guard.FAILURES.append(guard.describe(e))
 
 
 def eval_history(outcomes: dict[str, TrialOutcome]) -> list[list[tuple[int, float]]]:

@@ -87,3 +87,31 @@ def chromium():
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, errors included
     return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+
+
+def data_file(directory: Path, name: str, content: bytes) -> str:
+    """A file with exactly these bytes (a dataset, a space file, a broken record); returns its path."""
+    (directory / name).write_bytes(content)
+    return str(directory / name)
+
+
+@pytest.fixture()
+def earlier_sweep(tmp_path) -> Path:
+    """A sweep directory with results in it, as an earlier run leaves it."""
+    import json
+
+    out = tmp_path / "earlier"
+    (out / "trials" / "r8-attention-4bit" / "adapter").mkdir(parents=True)
+    (out / "trials" / "r8-attention-4bit" / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00weights")
+    (out / "summary.csv").write_text("trial_id,status\nr8-attention-4bit,TERMINATED\n")
+    (out / "sweep.json").write_text(json.dumps({"sweep_id": "abc", "name": "t", "space_fingerprint": "0" * 16,
+                                                "mlflow_uri": "sqlite:///x.db"}))
+    (out / "ledger.json").write_text("{}")
+    return out
+
+
+def one_line_error(err: str) -> str:
+    """stderr of a refused command: exactly one line, ``error: ...``; returns it."""
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
