@@ -2,8 +2,10 @@
 
 LORA_SWEEP_FAULTS is JSON: trial name -> {step, mode, marker?, sleep?}. Mode ``raise`` raises at
 ``step``; ``kill`` SIGKILLs this worker process at ``step``; ``slow`` sleeps ``sleep`` seconds every
-step (so a test can interrupt mid-training). With ``marker``, the fault fires only while that file
-does not exist, and creates it: once, as Ray Tune's own fault tests do.
+step (so a test can interrupt mid-training); ``wait`` creates ``<marker>.reached`` at ``step`` and
+waits (up to ten minutes) until ``marker`` exists, so a test can act while the sweep is held at a
+known point. Otherwise, with ``marker``, the fault fires only while that file does not exist, and
+creates it: once, as Ray Tune's own fault tests do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class FaultInjector(TrainerCallback):
         if state.global_step != s["step"]:
             return
         marker = s.get("marker")
+        if s["mode"] == "wait":
+            Path(marker + ".reached").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 600
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return
         if marker:
             if os.path.exists(marker):
                 return
