@@ -48,7 +48,7 @@ def start_ray(address: str | None, dashboard_host: str, node_ip: str = LOOPBACK,
     # still prints its start box and a TensorBoard hint); our console reports progress
     argv, sys.argv = sys.argv, redact_argv(sys.argv)
     try:
-        with hidden_credentials(), loopback_only(node_ip == LOOPBACK):
+        with hidden_credentials(), loopback_only(not address and node_ip == LOOPBACK):  # a cluster binds its own
             if address:
                 ctx = ray.init(address=address, log_to_driver=verbose)
             else:

@@ -16,47 +16,35 @@ from trainers.data import DataError
 
 
 def check_text_file(path: Path, columns: tuple[str, ...]) -> list[int] | None:
-    """Every byte UTF-8 and, for JSON Lines, every line a JSON object. Returns the file line of each
-    data row (JSON Lines skip blank lines), so later messages can name lines; None for other formats."""
+    """Every byte UTF-8 and, for JSON Lines, every line a JSON object (read a line at a time: datasets
+    can be large). Returns the file line of each data row of a JSON Lines file (blank lines are skipped,
+    as ``datasets`` skips them), so later messages can name lines; None for other formats."""
+    json_lines = path.suffix.lower() == ".jsonl"
+    lines = []
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"dataset '{path}': line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                                    "save the file as UTF-8") from None
+                if json_lines and line.strip():
+                    _json_object(path, number, line, columns)
+                    lines.append(number)
     except OSError as e:
         raise DataError(f"dataset '{path}': cannot read it ({e.strerror})") from None
+    return lines if json_lines else None
+
+
+def _json_object(path: Path, number: int, line: str, columns: tuple[str, ...]) -> None:
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"dataset '{path}': line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                        "save the file as UTF-8") from None
-    if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and not _is_json_document(text)):
-        return _json_lines(path, text, columns)
-    return None
-
-
-def _is_json_document(text: str) -> bool:
-    """A .json file is either one JSON document (an array of rows) or JSON Lines, as ``datasets`` reads it."""
-    try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _json_lines(path: Path, text: str, columns: tuple[str, ...]) -> list[int]:
-    lines = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue  # datasets skips blank lines too
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"dataset '{path}': line {number}: not valid JSON ({e.msg}, column {e.colno})") \
-                from None
-        if not isinstance(row, dict):
-            raise DataError(f"dataset '{path}': line {number}: expected a JSON object with "
-                            f"{', '.join(columns)}, got {type(row).__name__}")
-        lines.append(number)
-    return lines
+        row = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"dataset '{path}': line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"dataset '{path}': line {number}: expected a JSON object with {', '.join(columns)}, "
+                        f"got {type(row).__name__}")
 
 
 def check_values(ds, source: str, columns: tuple[str, ...], lines: list[int] | None = None) -> None:

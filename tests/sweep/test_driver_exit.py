@@ -137,3 +137,16 @@ def test_one_recording_failure_mutes_the_callback_and_ends_the_tune_loop():
         g.on_step_end(iteration=1, trials=[])
     assert calls == ["a"]
     guard.FAILURES.clear()
+
+
+def test_an_unforeseen_error_still_writes_the_table_and_fails_the_run(started):
+    """A bug or a Tune failure nobody planned for keeps its traceback (it is re-raised), but only after the
+    table is written from the directory's records and the parent run is closed as FAILED."""
+    def fit():
+        raise RuntimeError("restore went wrong")
+
+    TUNE["fit"] = fit
+    with pytest.raises(RuntimeError, match="restore went wrong"):
+        run(started)
+    assert read_csv(started.out / "summary.csv")["a"]["status"] == "TERMINATED"
+    assert mlflow_statuses(started) == {"sweep": "FAILED"}

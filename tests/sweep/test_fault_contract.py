@@ -105,7 +105,9 @@ def held_sweep(tmp_path_factory, mlflow_server, model_cache):
     cmd = [sys.executable, "-m", "sweep.run", str(work / "space.py"), "--no-baseline", "--output", str(work / "out"),
            "--mlflow-uri", uri]
     faults = json.dumps({"ok": {"mode": "wait", "step": 2, "marker": str(work / "go")}})
-    first = subprocess.Popen(cmd, cwd=work, env=env(RAY_TMPDIR=ray_tmp, LORA_SWEEP_FAULTS=faults),
+    # RAY_ADDRESS names a cluster that is not there: a sweep without --address must start its own Ray anyway
+    first = subprocess.Popen(cmd, cwd=work, env=env(RAY_TMPDIR=ray_tmp, LORA_SWEEP_FAULTS=faults,
+                                                    RAY_ADDRESS="127.0.0.1:9"),
                              stdout=open(work / "first.out", "w"), stderr=open(work / "first.err", "w"))
     try:
         wait_for(lambda: (work / "go.reached").exists(), "trial ok reaching step 2", first)
@@ -180,10 +182,10 @@ def test_a_second_driver_on_the_same_directory_is_refused_at_once(held_sweep):
     assert not (held_sweep["work"] / "out.lock").exists()  # and the first released its lock on the way out
 
 
-def test_ray_listens_on_loopback_only(held_sweep):
+def test_the_sweep_starts_its_own_ray_listening_on_loopback_only(held_sweep):
     sockets = held_sweep["sockets"]
     names = {name for name, _, _ in sockets}
-    assert {"gcs_server", "raylet"} <= names, sockets  # the whole local Ray was seen
+    assert {"gcs_server", "raylet"} <= names, sockets  # the driver's own Ray (despite RAY_ADDRESS), all of it
     assert {ip for _, ip, _ in sockets} <= {"127.0.0.1", "::ffff:127.0.0.1"}, sockets
 
 
