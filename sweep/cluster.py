@@ -25,7 +25,7 @@ def check_address(address: str | None) -> None:
     host, _, port = hostport.rpartition(":")
     try:
         socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=5).close()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OverflowError) as e:  # refused, unresolvable, or a port beyond 65535
         raise UserError(f"Ray address {address} is unreachable ({getattr(e, 'strerror', None) or e})") from None
 
 

@@ -124,8 +124,11 @@ def _take(out: Path, path: Path, fd: int) -> None:
     if previous:
         print(f"note: taking over the stale lock of a driver that is gone ({_describe(previous)})", flush=True)
     me = {"pid": os.getpid(), "host": here, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as e:  # a full disk: the lock file itself cannot be written
+        raise UserError(f"cannot write the lock file {path}: {e.strerror}") from None
 
 
 def _read(fd: int) -> dict | None:

@@ -167,6 +167,10 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
                     check_weights_available(cfg.model, cfg.trust_remote_code)
             except ModelError as e:
                 fail(cfg, "model", e)
+        positions = getattr(model_configs[key], "max_position_embeddings", None) or \
+            getattr(model_configs[key], "n_positions", None)
+        if isinstance(positions, int) and cfg.max_seq_length > positions:
+            fail(cfg, "max_seq_length", f"{cfg.max_seq_length} exceeds the model's {positions} positions")
         model = meta_model(model_configs[key])
         try:
             cfg = replace(cfg, target_modules=resolve_targets(model, cfg.targets))

@@ -33,21 +33,23 @@ def tracking_uri(flag: str | None) -> str:
 
 
 def redact(uri: str) -> str:
-    """The URI without user:password, for logs and the manifest (MLflow also takes credentials from
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which never reach a file)."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    """The URI with user:password shown as ``***``, for messages and --set values in MLflow params."""
+    return _replace_userinfo(uri, "***@")
 
 
 def strip_credentials(uri: str) -> str:
     """The URI with no user information at all: what MLflow, Ray's pickles and every log line get."""
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
+    return _replace_userinfo(uri, "")
+
+
+def _replace_userinfo(uri: str, by: str) -> str:
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not a URI (an unbalanced "[" in a path): nothing that looks like user:password@
         return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=by + parts.netloc.rpartition("@")[2]))
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -71,7 +73,10 @@ class TrackingStore:
 
     @classmethod
     def parse(cls, uri: str) -> "TrackingStore":
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+        except ValueError as e:  # not repeated here: it may hold a password
+            raise UserError(f"--mlflow-uri is not a valid URI ({e})") from None
         if parts.username is None and parts.password is None:
             return cls(uri)
         if not parts.password:

@@ -80,6 +80,13 @@ CASES = {
                                             "custom.py:3: KeyboardInterrupt"),
     "space trials generator raises": (lambda t: space_file(t, "def g():\n    yield 1/0\nspace = Space(name='g', "
                                                            "settings=S, trials=g())\n"), "ZeroDivisionError"),
+    "trials not a list": (lambda t: space_file(t, "space = Space(name='x', settings=S, trials=Trial(r=8, "
+                                                  "targets='attention', bits=4))\n"),
+                          "Space.trials must be a non-empty list of Trial(...)"),
+    "endless trials": (lambda t: space_file(t, "import itertools\nspace = Space(name='x', settings=S, trials=("
+                                               "Trial(r=8, targets='attention', bits=4) for _ in "
+                                               "itertools.count()))\n"),
+                       "Space.trials has more than 10,000 trials"),
     "unknown field": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, rank=2)'),
                       "unknown field 'rank'"),
     # values: types, ranges, and numbers that are not finite (they pass "> 0" and fail inside a trial)
@@ -102,6 +109,8 @@ CASES = {
     "seed negative": (lambda t: space(t) + ["--set", "seed=-1"], "field 'seed' must be an integer in [0, 2**32)"),
     "seed too large": (lambda t: space(t) + ["--set", "seed=4294967296"],
                        "field 'seed' must be an integer in [0, 2**32)"),
+    "max_seq_length beyond the model": (lambda t: space(t) + ["--set", "max_seq_length=1024"],
+                                        "field 'max_seq_length': 1024 exceeds the model's 512 positions"),
     "dropout NaN": (lambda t: space(t, settings="lora_dropout=float('nan')"), "field 'lora_dropout' must be in [0, 1)"),
     # names: directories, Ray trials and MLflow runs
     "trial named base": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, name="base")'),
@@ -173,6 +182,12 @@ CASES = {
     "gpus per trial negative": (lambda t: space(t) + ["--gpus-per-trial", "-1"],
                                 "--gpus-per-trial must be 'auto' or a finite"),
     "gpus per trial 1.5": (lambda t: space(t) + ["--gpus-per-trial", "1.5"], "above 1 must be a whole number"),
+    "gpus per trial a sliver": (lambda t: space(t) + ["--gpus-per-trial", "0.001"],
+                                "--gpus-per-trial must be at least 0.01"),
+    "dashboard host unknown": (lambda t: space(t) + ["--dashboard-host", "no.such.host.invalid"],
+                               "--dashboard-host 'no.such.host.invalid' is not an address of this machine"),
+    "ray address port out of range": (lambda t: space(t) + ["--address", "127.0.0.1:99999", "--output", str(t / "new")],
+                                      "Ray address 127.0.0.1:99999 is unreachable"),
     "max failures negative": (lambda t: space(t) + ["--max-failures", "-1"], "--max-failures must be >= 0"),
     "ray node ip not an ip": (lambda t: space(t) + ["--ray-node-ip", "localhost:1"], "--ray-node-ip must be an IP"),
     "ray node ip with address": (lambda t: space(t) + ["--ray-node-ip", "10.0.0.1", "--address", "127.0.0.1:9"],
@@ -194,6 +209,8 @@ CASES = {
                                        "is not an SQLite database"),
     "tracking sqlite in a missing directory": (lambda t: tracked(t, f"sqlite:///{t}/no/m.db"),
                                                "is not a writable directory"),
+    "tracking uri unparsable": (lambda t: tracked(t, "http://user:pw123@[::1"),
+                                "--mlflow-uri is not a valid URI (Invalid IPv6 URL)"),
     "tracking user without password": (lambda t: tracked(t, "http://token@127.0.0.1:9"),
                                        "a user name without a password"),
     # the sweep directory and its records
