@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweep.cli import UserError, exit_code
+from sweep.cli import ArgumentParser, UserError, exit_code
 
 REFERENCE = {"trainer": "reference", "gradient_checkpointing": True}  # the project's first path, as it ran
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -41,7 +41,7 @@ DEFAULT_SETS = ("model=random:open_llama_3b_v2",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sweep.bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m sweep.bench", description=__doc__.split("\n")[0])
     p.add_argument("space", nargs="?", default="search_spaces/paper_grid.py", help="space file (default: paper grid)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a setting (applied after the defaults {', '.join(DEFAULT_SETS)})")
