@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from sweep import sweepdir
+from sweep.cli import UserError
 from sweep.progress import PENDING, RUNNING, SweepProgress, TrialProgress, clock
 from trainers.config import EvalReport, StepReport, TrialResult, report_kind
 from trainers.entry import log_path
@@ -196,7 +197,10 @@ def new_progress(manifest: dict, out: Path, planned, metric: str) -> SweepProgre
     from sweep.progress import TrialProgress, this_driver
 
     ledger = {e["trial"]: e for e in sweepdir.read_json(out / sweepdir.LEDGER).values()}
-    before = SweepProgress.read(out)
+    try:
+        before = SweepProgress.read(out)
+    except UserError:  # a damaged progress file (a record of this driver's, not the sweep's): write a new one
+        before = None
     old = {t.name: t for t in before.trials} if before else {}
     trials = []
     for p in planned:

@@ -25,9 +25,6 @@ from trainers.config import is_finite_number, name_problem
 MIN_GPU_SHARE = 0.01  # Ray keeps resource amounts to four decimals; finer shares are not shares
 
 
-MIN_GPU_SHARE = 0.01  # Ray keeps resource amounts to four decimals; finer shares are not shares
-
-
 @dataclass(frozen=True)
 class SweepOptions:
     """What the command line asked for (see ``python -m sweep.run --help`` for each option)."""
