@@ -82,7 +82,7 @@ CASES = {
                                                            "settings=S, trials=g())\n"), "ZeroDivisionError"),
     "trials not a list": (lambda t: space_file(t, "space = Space(name='x', settings=S, trials=Trial(r=8, "
                                                   "targets='attention', bits=4))\n"),
-                          "Space.trials must be a non-empty list of Trial(...)"),
+                          "Space.trials must be a list of Trial(...)"),
     "endless trials": (lambda t: space_file(t, "import itertools\nspace = Space(name='x', settings=S, trials=("
                                                "Trial(r=8, targets='attention', bits=4) for _ in "
                                                "itertools.count()))\n"),
