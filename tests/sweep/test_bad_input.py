@@ -260,6 +260,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, ear
 @pytest.mark.parametrize("argv, says", [
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--resume", "--fresh"], "argument --fresh: not allowed with argument --resume"),
+    (["--extend", "--fresh"], "argument --fresh: not allowed with argument --extend"),
     (["--gpus-per-trial", "abc"], "argument --gpus-per-trial: expected 'auto' or a number, got 'abc'"),
     (["--metric", "accuracy"], "argument --metric: invalid choice: 'accuracy'"),
     ([], "the following arguments are required: space"),

@@ -85,7 +85,6 @@ CLI = {
                                  "--set learning_rate: 'learning_rate' is a search axis"),
     "--num-samples below the seeds": (["--num-samples", "1"], "--num-samples must be at least 2"),
     "--extend with nothing to extend": (["--extend"], "--extend: no sweep to extend in"),
-    "--extend with --fresh": (["--extend", "--fresh"], "--extend grows a sweep: it cannot be combined with --fresh"),
 }
 
 
