@@ -2,14 +2,16 @@
 
     python -m sweep.export sweeps/paper-grid                       # best trial's adapter -> DIR/export/<id>/
     python -m sweep.export sweeps/paper-grid --merge               # best trial merged -> DIR/export/<id>-merged/
-    python -m sweep.export sweeps/paper-grid --trial r8-all_linear-4bit --out /models/desc-writer
+    python -m sweep.export sweeps/paper-grid --trial r8-all_linear-4bit --merge --dtype bfloat16
+    python -m sweep.export sweeps/paper-grid --merge --merge-base original
 
-Every export re-measures the held-out loss before it writes anything. A merged model is written only
-if its loss matches the adapter's on the same unquantized base; a trial's own eval_loss was measured
-on its quantized base and is reported next to it for information.
+Every export re-measures the held-out loss before it writes anything. ``--merge`` folds the adapter into
+the weights it was trained against (a 4/8-bit base dequantized; ``--merge-base original`` for the
+checkpoint's own weights instead) in fp32 arithmetic, stores the result in ``--dtype``, reloads it with
+``AutoModelForCausalLM.from_pretrained`` and keeps it only if its held-out loss matches: the trial's own
+eval_loss for ``--merge-base trial``, the adapter's on the same original weights for ``original``.
 
-Exit codes: 0 exported, 1 the merged model's loss disagrees with the adapter's (nothing written),
-2 bad input (nothing written).
+Exit codes: 0 exported, 1 the merged model's loss disagrees (nothing written), 2 bad input (nothing written).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -31,15 +35,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("sweep_dir", metavar="DIR", help="a finished sweep directory (has summary.csv and trials/)")
     p.add_argument("--trial", default="best",
                    help="trial id, or 'best': the trial summary.csv marks best (by the sweep's --metric; default)")
-    p.add_argument("--merge", action="store_true",
-                   help="merge the adapter into the unquantized base and save a plain model")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into its base and save a plain model")
+    p.add_argument("--merge-base", choices=("trial", "original"),
+                   help="with --merge: 'trial' (default) = the weights the adapter was trained against (a 4/8-bit "
+                        "base dequantized: reproduces the trial); 'original' = the checkpoint's unquantized weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="with --merge: the merged model's stored dtype (default float32; 16-bit files are half the "
+                        "size but round away part of a small update, which the check then reports)")
     p.add_argument("--out", help="output directory (default DIR/export/<trial_id>[-merged])")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return exit_code(lambda: export(args.sweep_dir, args.trial, args.merge, args.out))
+    return exit_code(lambda: export(args.sweep_dir, args.trial, args.merge, args.out, args.merge_base, args.dtype))
 
 
 def _float(x) -> float | None:
@@ -121,7 +130,10 @@ class MergeCheckFailed(Exception):
     """The merged model's loss disagrees with the adapter's: nothing is written, exit 1."""
 
 
-def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | None = None) -> int:
+def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | None = None,
+           merge_base: str | None = None, dtype: str | None = None) -> int:
+    if not merge and (merge_base or dtype):
+        raise UserError("--merge-base and --dtype apply to merged exports only: add --merge")
     sweep = Path(sweep_dir)
     rows = read_sweep(sweep)
     tid = pick_trial(rows, trial)
@@ -137,77 +149,115 @@ def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | 
         raise UserError(f"trial '{tid}' was trained with device=cuda but no CUDA GPU is visible here")
     if trial == "best":
         print(f"best trial: {tid} (eval_loss {_float(rows[tid].get('eval_loss')):.6f})", flush=True)
+    # Everything is written to a staging directory beside the target and moved into place only once it
+    # passed: a refused merge leaves nothing behind.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_existing_ancestor(target)))
     try:
-        model, tokenizer, info = measure(cfg, tid, adapter, merge, metrics)
+        info = measure(cfg, tid, adapter, metrics, staging, merge_base or "trial" if merge else None,
+                       dtype or "float32")
+        info["out"] = str(target.resolve())
+        (staging / "export.json").write_text(json.dumps(info, indent=1))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)  # an empty target directory is replaced too (check_out allowed no other)
     except MergeCheckFailed as e:
         print(f"error: MERGE CHECK FAILED for trial '{tid}': {e}; nothing written", file=sys.stderr)
         return 1
-    write(target, model, tokenizer, info)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print_summary(info)
     return 0
 
 
-def measure(cfg: TrialConfig, tid: str, adapter: Path, merge: bool, metrics: dict):
-    """The adapter back on its base (and merged, with ``merge``), its held-out loss re-measured."""
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def measure(cfg: TrialConfig, tid: str, adapter: Path, metrics: dict, staging: Path, merge_base: str | None,
+            dtype: str) -> dict:
+    """The adapter back on its base, its held-out loss re-measured, written to ``staging``; with ``merge_base``,
+    merged, saved, reloaded as a user would and checked (MergeCheckFailed when the loss disagrees)."""
     import datasets
     import transformers
 
     from trainers import merge as M
     from trainers.data import DataError, fingerprint
-    from trainers.models import ModelError, compute_dtype
+    from trainers.models import ModelError
 
     datasets.disable_progress_bars()  # per-eval tokenizing bars would bury the summary
     transformers.utils.logging.disable_progress_bar()
-    dtype, trial_loss = compute_dtype(cfg), _float(metrics.get("eval_loss"))
-    info = {"trial_id": tid, "base_model": cfg.model, "bits": cfg.bits, "merged": merge, "device": cfg.device,
-            "eval_loss_trial": trial_loss}
+    trial_loss = _float(metrics.get("eval_loss"))
+    info = {"trial_id": tid, "base_model": cfg.model, "bits": cfg.bits, "merged": merge_base is not None,
+            "device": cfg.device, "eval_loss_trial": trial_loss}
     try:
         splits = M.rebuild_splits(cfg)
         info["dataset_fingerprint"] = fingerprint(splits)
         if metrics.get("dataset_fingerprint") not in (None, info["dataset_fingerprint"]):
             print(f"warning: the rebuilt test split differs from trial '{tid}'s (has {cfg.dataset} changed?); "
                   "its eval_loss is not comparable with the ones measured here", file=sys.stderr)
-        model, tokenizer = M.load_adapted(cfg, adapter, quantized=not merge)
-        adapter_loss = M.eval_loss(cfg, model, tokenizer, splits)
+        on_original = merge_base == "original"
+        model, tokenizer = M.load_adapted(cfg, adapter, "original" if on_original else "trial")
+        # on the original weights the merge's own arithmetic is checked, so both sides are measured in fp32
+        adapter_loss = M.eval_loss(cfg, model, tokenizer, splits, autocast=False if on_original else None)
         info.update(eval_loss_adapter=adapter_loss, test_examples=len(splits["test"]),
-                    adapter_eval_base=str(dtype).removeprefix("torch.") if merge else f"{cfg.bits}-bit")
-        if merge:
-            model = M.merge(model)
-            merged_loss = M.eval_loss(cfg, model, tokenizer, splits)
-            gap, tol = M.relative_gap(merged_loss, adapter_loss), M.MERGE_TOLERANCE[dtype]
-            info.update(eval_loss_merged=merged_loss, merge_rel_diff=gap, merge_tolerance=tol,
-                        dtype=str(dtype).removeprefix("torch."))
-            if gap > tol:
-                raise MergeCheckFailed(f"merged eval loss {merged_loss:.6f} vs adapter {adapter_loss:.6f} "
-                                       f"(relative diff {gap:.2e} > tolerance {tol:.0e})")
+                    adapter_eval_base="original weights, fp32" if on_original else f"{cfg.bits}-bit, as trained")
+        if merge_base is None:
+            # lm_head's base weights are frozen: only its LoRA factors belong in the adapter
+            model.save_pretrained(staging, save_embedding_layers=False)
+        else:
+            info.update(merge_check(cfg, model, adapter, tokenizer, splits, staging, merge_base, dtype,
+                                    reference=adapter_loss if on_original or trial_loss is None else trial_loss))
+        tokenizer.save_pretrained(staging)
     except (ModelError, DataError) as e:
         raise UserError(str(e)) from None
     final = info.get("eval_loss_merged", adapter_loss)
     info["diff_vs_trial"] = None if trial_loss is None else final - trial_loss
-    return model, tokenizer, info
+    return info
 
 
-def write(out: Path, model, tokenizer, info: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if info["merged"]:
-        model.save_pretrained(out)
-    else:  # lm_head's base weights are frozen: only its LoRA factors belong in the adapter
-        model.save_pretrained(out, save_embedding_layers=False)
-    tokenizer.save_pretrained(out)
-    info["out"] = str(out.resolve())
-    (out / "export.json").write_text(json.dumps(info, indent=1))
+def merge_check(cfg: TrialConfig, model, adapter: Path, tokenizer, splits, staging: Path, merge_base: str,
+                dtype: str, reference: float) -> dict:
+    """Merge in fp32 into ``merge_base``, save in ``dtype``, reload with from_pretrained, compare with ``reference``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers import merge as M
+
+    if merge_base == "trial":  # a fresh PEFT model on the dequantized fp32 weights: PEFT's 4/8-bit merge would requantize
+        model = PeftModel.from_pretrained(M.trained_weights(model), str(adapter))
+    M.merge(model, dtype).save_pretrained(staging)
+    del model
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, device_map={"": 0} if cfg.device == "cuda" else {"": "cpu"})
+    merged_loss = M.eval_loss(cfg, reloaded, tokenizer, splits, autocast=False)  # as stored: no autocast rounding
+    stored = str(next(reloaded.parameters()).dtype).removeprefix("torch.")
+    del reloaded
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
+    gap, tol = M.relative_gap(merged_loss, reference), M.tolerance(cfg, merge_base, dtype)
+    against = "the trial's eval loss" if merge_base == "trial" else "the adapter on the original weights"
+    info = dict(eval_loss_merged=merged_loss, merge_base=merge_base, merged_into=M.describe_base(cfg, merge_base),
+                dtype=stored, checked_against=against, reference_loss=reference, merge_rel_diff=gap,
+                merge_tolerance=tol)
+    if gap > tol:
+        raise MergeCheckFailed(f"merged into {info['merged_into']}, stored as {dtype}: eval loss {merged_loss:.6f} "
+                               f"vs {against} {reference:.6f} (relative diff {gap:.2e} > tolerance {tol:.0e})")
+    return info
 
 
 def print_summary(info: dict) -> None:
     kind = f"a merged {info['dtype']} model" if info["merged"] else "an adapter"
     lines = [f"exported trial {info['trial_id']} ({info['base_model']}, trained on {info['bits']}-bit) as {kind}",
-             f"  eval loss  adapter, {info['adapter_eval_base'] + ' base':14} {info['eval_loss_adapter']:.6f}"]
+             f"  eval loss  adapter, {info['adapter_eval_base'] + ' base':28} {info['eval_loss_adapter']:.6f}"]
     if info["merged"]:
-        lines.append(f"             {'merged model':23} {info['eval_loss_merged']:.6f}  "
-                     f"(relative diff {info['merge_rel_diff']:.1e}, tolerance {info['merge_tolerance']:.0e})")
+        lines.append(f"             {'merged model, reloaded':37} {info['eval_loss_merged']:.6f}  "
+                     f"(vs {info['checked_against']}: relative diff {info['merge_rel_diff']:.1e}, "
+                     f"tolerance {info['merge_tolerance']:.0e})")
+        lines.append(f"  merged into {info['merged_into']}, in fp32; stored as {info['dtype']}")
     if info["eval_loss_trial"] is not None:
-        lines.append(f"             {'trial, ' + str(info['bits']) + '-bit base':23} {info['eval_loss_trial']:.6f}  "
-                     f"(exported - trial {info['diff_vs_trial']:+.6f}, from training; informational)")
+        lines.append(f"             {'trial, ' + str(info['bits']) + '-bit base':37} {info['eval_loss_trial']:.6f}  "
+                     f"(exported - trial {info['diff_vs_trial']:+.6f})")
     lines.append(f"  out: {info['out']}")
     print("\n".join(lines), flush=True)
 

@@ -31,17 +31,21 @@ class HeldoutLoss:
 
 
 @torch.no_grad()
-def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str) -> HeldoutLoss:
+def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str,
+                 autocast: bool | None = None) -> HeldoutLoss:
     """Teacher-forced loss of every example (as tokenized for training), in length-sorted padded batches.
 
     Sorting keeps padding small and changes nothing: each example's loss is computed on its own and
-    summed. On CUDA it runs under bf16 autocast, as the Trainer trains and evaluates.
+    summed. On CUDA it runs under bf16 autocast, as the Trainer trains and evaluates, unless ``autocast``
+    is False (a merged model is measured as it was stored: bf16 autocast would round an fp32 merge).
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
     sums, counts = [0.0] * len(input_ids), [0] * len(input_ids)
-    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    if autocast is None:
+        autocast = device == "cuda"
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     start = 0
     while start < len(order):
         end = start + 1

@@ -1,6 +1,16 @@
 """A finished trial's adapter, back on its base: evaluated, and optionally merged into plain weights.
 
-The CLI is ``sweep.export``; this module holds the model work so it can be tested and reused alone.
+Two bases to merge into (``sweep.export --merge-base``):
+
+``trial``     the weights the adapter was trained against. A 4-bit trial's NF4 layers dequantized
+              (bitsandbytes' ``dequantize_4bit``), an 8-bit trial's int8 rows dequantized
+              (``CB * SCB / 127``), a 16-bit trial's base as it loaded it: exactly the weights the fast
+              path's layers computed with (``trainers/kbit.py``). The merged model reproduces the trial.
+``original``  the checkpoint's own unquantized weights. For a 4/8-bit trial this is a different model
+              from the one the trial measured: the adapter learned to correct the quantized weights.
+
+Either way the merge arithmetic is fp32 (``W + scale * B @ A``, no rounding of the small update) and
+the stored dtype is chosen explicitly. The CLI is ``sweep.export``; this module holds the model work.
 """
 
 from __future__ import annotations
@@ -17,34 +27,76 @@ from trainers.evaluate import heldout_loss
 from trainers.models import checkpoint_path, load_base, load_tokenizer
 from trainers.sft import tokenize
 
-# Largest relative |merged - adapter| eval loss accepted before refusing to write a merged model.
-# Both losses come from the same unquantized base, so only rounding separates them.
-# fp32 (CPU): W x + B(A x) and (W + BA) x agree to float precision; measured 0 to 7e-8 on tiny-llama
-#   adapters trained on 4/8/16-bit bases. 1e-4 leaves room for larger models yet still catches a
-#   wrong merge (dropping the tiny-llama adapters moves their loss by 1.8e-2 to 2.7e-2).
-# bf16 (CUDA): the merged weight keeps 8 mantissa bits, so part of a small LoRA update rounds away;
-#   measured on H200: tiny-llama 1.3e-5, random 3B LLaMA r=16 lr 1e-3 4.8e-5, r=8 lr 2e-4 1.1e-3
-#   (the smaller the update, the more of it is lost). 1e-2 is ~10x the worst seen.
-MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+MERGE_BASES = ("trial", "original")
+STORE_DTYPES = ("float32", "bfloat16", "float16")
+
+# Largest relative gap between the merged model's eval loss and the loss it must reproduce, by what can
+# separate them (each measured on the CPU, then given ~10x room; README "Shipping a trial"):
+# - fp32 arithmetic alone: W x + B(A x) and (W + BA) x agree to float precision; measured 0 to 7e-8
+#   on tiny-llama and desc-llama adapters over 4/8/16-bit bases. Dropping an adapter moves those losses
+#   by 1e-2 or more, so a wrong merge is still caught.
+# - an 8-bit trial's LLM.int8 products also rounded its *activations* to int8 (outlier columns
+#   aside); the merged model multiplies them unrounded: measured up to 1.2e-4 (tiny-llama, desc-llama).
+# - bf16 anywhere: a CUDA trial measured its loss under bf16 autocast, and a bf16/fp16 file rounds
+#   the merged weights to 8/11 mantissa bits, losing part of a small update (on an H200: 1.3e-5 to
+#   1.1e-3, the smaller the update the more is lost).
+TOLERANCE_FP32, TOLERANCE_INT8, TOLERANCE_16BIT = 1e-4, 2e-3, 1e-2
 
 
-def load_adapted(cfg: TrialConfig, adapter_dir, quantized: bool) -> tuple[PeftModel, object]:
-    """The trial's base with its adapter attached (not merged) and the trial's tokenizer.
+def tolerance(cfg: TrialConfig, merge_base: str, dtype: str) -> float:
+    """How far the merged model's loss may be from its reference (``reference``) before export refuses."""
+    if cfg.device == "cuda" or dtype != "float32":
+        return TOLERANCE_16BIT
+    if merge_base == "trial" and cfg.bits == 8:
+        return TOLERANCE_INT8
+    return TOLERANCE_FP32
 
-    ``quantized=True`` reproduces the trial (its 4/8/16 bits). ``quantized=False`` loads the base
-    unquantized (bf16 on GPU, fp32 on CPU) whatever the trial trained on: merging into 4/8-bit weights
-    would dequantize, add and requantize, losing most of the adapter's small update.
+
+def describe_base(cfg: TrialConfig, merge_base: str) -> str:
+    """Which weights the adapter was merged into, in words (printed and kept in export.json)."""
+    if merge_base == "original":
+        return "the checkpoint's original weights (fp32)"
+    return {4: "the trial's 4-bit NF4 base, dequantized with bitsandbytes' dequantize_4bit",
+            8: "the trial's 8-bit LLM.int8 base, dequantized as CB * SCB / 127",
+            16: f"the trial's 16-bit base ({compute_dtype_label(cfg)}, as it trained)"}[cfg.bits]
+
+
+def compute_dtype_label(cfg: TrialConfig) -> str:
+    from trainers.config import compute_dtype_name
+
+    return compute_dtype_name(cfg.device)
+
+
+def load_adapted(cfg: TrialConfig, adapter_dir, base: str = "trial") -> tuple[PeftModel, object]:
+    """The trial's adapter (attached, not merged) on ``base`` and the trial's tokenizer.
+
+    ``trial`` reproduces the trial: its 4/8/16 bits and compute dtype, its fast-path layers.
+    ``original`` is the checkpoint unquantized in fp32 whatever the trial trained on.
     """
-    base_cfg = cfg if quantized else dataclasses.replace(cfg, bits=16)
-    base = load_base(base_cfg, checkpoint_path(cfg))
-    if is_quantized(base_cfg.bits):
+    if base == "trial":
+        model = load_base(cfg, checkpoint_path(cfg))
+    else:
+        model = load_base(dataclasses.replace(cfg, bits=16), checkpoint_path(cfg), dtype=torch.float32)
+    if base == "trial" and is_quantized(cfg.bits):
         # As the trial did: on GPU this upcasts the unquantized layers (embeddings, norms, lm_head) from bf16 to fp32,
         # which the trial's eval_loss was measured with. A no-op on CPU, where everything is fp32 already.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))  # is_trainable=False: eval mode, frozen
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))  # is_trainable=False: eval mode, frozen
     # The trial saved the tokenizer it trained with (pad token included) next to its adapter.
     tokenizer = load_tokenizer(str(adapter_dir), cfg.trust_remote_code)
     return model, tokenizer
+
+
+def trained_weights(model: PeftModel) -> torch.nn.Module:
+    """The plain fp32 model the adapter was trained against: ``model``'s base without the adapter, its
+    bitsandbytes layers replaced by nn.Linear holding the dequantized weights (transformers'
+    ``dequantize``, which also drops the quantization config so the saved model loads as a plain one)."""
+    base = model.unload()
+    if getattr(base, "hf_quantizer", None) is not None:
+        # dequantize_4bit gives the weights in the dtype they were quantized from (the compute dtype),
+        # the very values the trial's 4-bit layers computed with; int8 rows come out as CB * SCB / 127.
+        base = base.dequantize(dtype=torch.float32)
+    return base.float()
 
 
 def rebuild_splits(cfg: TrialConfig):
@@ -52,19 +104,25 @@ def rebuild_splits(cfg: TrialConfig):
     return build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
 
 
-def eval_loss(cfg: TrialConfig, model, tokenizer, splits) -> float:
-    """Held-out loss exactly as the trial computed it (same tokenization, same function)."""
+def heldout(cfg: TrialConfig, model, tokenizer, splits, autocast: bool | None = None):
+    """Per-example held-out losses exactly as the trial computed them (same tokenization, same function)."""
     test_ids = tokenize(splits["test"], tokenizer, cfg.max_seq_length)["input_ids"]
-    return heldout_loss(model, test_ids, tokenizer.pad_token_id, cfg.device).mean
+    return heldout_loss(model, test_ids, tokenizer.pad_token_id, cfg.device, autocast=autocast)
 
 
-def merge(model: PeftModel) -> torch.nn.Module:
-    """Fold the adapter into the base weights and drop every PEFT wrapper."""
+def eval_loss(cfg: TrialConfig, model, tokenizer, splits, autocast: bool | None = None) -> float:
+    return heldout(cfg, model, tokenizer, splits, autocast).mean
+
+
+def merge(model: PeftModel, dtype: str = "float32") -> torch.nn.Module:
+    """Fold the adapter into its base weights in fp32, drop every PEFT wrapper, cast to ``dtype``."""
+    if any(p.dtype != torch.float32 for p in model.base_model.model.parameters()):
+        raise ValueError("merge needs an fp32 base (PEFT merges in the weight's dtype)")
     merged = model.merge_and_unload()
     leftover = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
     if leftover:  # would make from_pretrained of the saved model silently differ from what we evaluated
         raise RuntimeError(f"merge left PEFT layers behind: {', '.join(leftover[:3])}")
-    return merged
+    return merged.to(getattr(torch, dtype))
 
 
 def relative_gap(a: float, b: float) -> float:

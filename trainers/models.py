@@ -262,11 +262,12 @@ def quantization_config(bits: int, compute_dtype: torch.dtype) -> BitsAndBytesCo
     return None
 
 
-def load_base(cfg, path: str) -> torch.nn.Module:
-    """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES)."""
+def load_base(cfg, path: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The frozen base in ``cfg.bits``, on this trial's device (Ray already narrowed CUDA_VISIBLE_DEVICES),
+    in the trial's compute dtype unless ``dtype`` says otherwise (export's fp32 merges)."""
     from trainers import attention, kbit
 
-    dtype = compute_dtype(cfg)
+    dtype = dtype or compute_dtype(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(cfg.bits, dtype),
