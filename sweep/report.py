@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from sweep import sweepdir
-from sweep.summary import TABLE_HEAD, load_generations, quality_rule, table_cells
+from sweep.summary import TABLE_HEAD, config_rows, load_generations, quality_rule, table_cells
 from trainers.config import ADAPTER_DIR, GENERATIONS_MD, METRICS_FILE
 from trainers.entry import log_path
 
@@ -33,14 +33,15 @@ figure { display: inline-block; margin: 0 1em 1em 0; } figure img { max-width: 1
 .gen b { display: block; margin-bottom: .3em; } .ref { background: #eef6ee; } .noend { color: #a60; font-size: 12px; }
 details { margin: .4em 0; } summary { cursor: pointer; } code { background: #f3f3f3; padding: 0 3px; }
 """
-NUMERIC = {"params updated (M)", "eval loss", "vs base", "perplexity", "ROUGE-L", "repeat 3-grams", "end marker",
+NUMERIC = {"params updated (M)", "eval loss ± SE", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
+           "end marker",
            "train time (s)", "tokens/s", "peak GPU GiB", "r", "base bits"}
 
 
 def _table(rows: list[dict], metric: str) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in TABLE_HEAD)
     body = []
-    for r in rows:
+    for r in config_rows(rows):
         cls = "best" if r["best"] else "bad" if r["status"] != sweepdir.TERMINATED else ""
         cells = "".join(f'<td class="num">{escape(c)}</td>' if h in NUMERIC else f"<td>{escape(c)}</td>"
                         for h, c in zip(TABLE_HEAD, table_cells(r)))
@@ -48,7 +49,7 @@ def _table(rows: list[dict], metric: str) -> str:
     errors = "".join(f"<li><b>{escape(r['trial_id'])}</b>: {escape(r['error'])}</li>" for r in rows
                      if r["status"] != sweepdir.TERMINATED and r["error"])
     return (f'<div class="scroll"><table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
-            f'</table></div><p>{escape(quality_rule(metric))}</p>'
+            f'</table></div><p>{escape(quality_rule(metric, rows))}</p>'
             + (f"<p>Errors:</p><ul>{errors}</ul>" if errors else ""))
 
 

@@ -76,7 +76,7 @@ class Space:
 
 
 TRIAL_FIELDS = {f.name: f for f in fields(TrialConfig)}
-SETTABLE = sorted(set(TRIAL_FIELDS) - {"name", "index", "target_modules", "baseline"})
+SETTABLE = sorted(set(TRIAL_FIELDS) - {"name", "index", "target_modules", "baseline", "replicate", "config_name"})
 
 
 def load_space(path: str | Path) -> Space:
@@ -163,7 +163,8 @@ def _coerce(key: str, raw: str):
 
 
 def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[TrialConfig]:
-    """Settings + each Trial (+ --set overrides) -> validated TrialConfigs with unique names."""
+    """Settings + each Trial (+ --set overrides) -> validated TrialConfigs with unique names; a trial with
+    ``seeds=N`` > 1 becomes N trials named ``<name>-seed<S>``, one per training seed, sharing ``config_name``."""
     base = dataclasses.asdict(space.settings)
     values = [{**base, **t.overrides, "r": t.r, "targets": t.targets, "bits": t.bits, **(sets or {})}
               for t in space.trials]
@@ -173,7 +174,11 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
         shown = _shown(name) if name_problem(name) else name  # a bad name could break the one line
         for fname, msg in cfg.problems():
             raise SpaceError(f"{path}: trial {i} ({shown}): field '{fname}' {msg}")
-        configs.append(cfg)
+        if cfg.seeds == 1:
+            configs.append(cfg)
+            continue
+        configs += [replace(cfg, name=f"{name}-seed{cfg.seed + k}", replicate=k, config_name=name)
+                    for k in range(cfg.seeds)]
     return configs
 
 
@@ -203,7 +208,7 @@ def trial_names(trials: Sequence[Trial], values: list[dict], path) -> list:
 
 
 def baseline_of(cfg: TrialConfig) -> TrialConfig:
-    """The ``base`` row: the first trial's model, data and bits, no training."""
-    return replace(cfg, name="base", index=-1, baseline=True)
+    """The ``base`` row: the first trial's model, data and bits, no training (one row whatever ``seeds``)."""
+    return replace(cfg, name="base", index=-1, baseline=True, replicate=0, config_name="")
 
 

@@ -1,15 +1,10 @@
 """The table that says which configuration to ship: summary.csv (machine) and summary.md (people).
 
 The first row, ``base``, is the model before fine-tuning (same bits as the first trial), so the
-table shows what each configuration bought. Quality is derived from held-out measures, not read by
-a human:
-  high    eval loss within 2% of the sweep's best, generations not looping (under half of their
-          token 3-grams repeated) and not very short (5 words or more on average)
-  medium  eval loss within 10% of the best, not looping, not very short
-  low     everything else that finished: a repetition loop or very short answers alone make a trial
-          low, the two failure modes the post reads generations for; so does an eval loss no better
-          than the base model's
-The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``. A trial that early stopping
+table shows what each configuration bought. Quality is derived from held-out measures and their noise,
+not read by a human (``sweep/quality.py`` has the rule). A sweep with ``seeds`` > 1 shows one line per
+configuration (mean over its seeds); summary.csv keeps one row per trial, with its configuration's numbers
+beside it. The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``. A trial that early stopping
 or a budget ended (STOPPED) shows its last eval loss and the step of it, but is never "best" and gets no
 quality: it trained fewer steps and made no generations.
 """
@@ -19,28 +14,32 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 from sweep import sweepdir
 from sweep.plan import PlannedTrial
+from sweep.quality import Group, assess
+from sweep.quality import finite as _finite
 from sweep.sweepdir import TrialOutcome
-from trainers.config import GENERATIONS_JSON, perplexity
+from trainers.config import GENERATIONS_JSON, HELDOUT_FILE, perplexity
 
 # Settings besides r, targets and bits that a search may vary: in summary.csv always, in summary.md when they vary.
 HYPER = ("lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
          "gradient_checkpointing")
 CSV_COLUMNS = [
     "trial_id", "r", "target_modules", "bits", *HYPER, "trainable_params", "total_params", "trainable_pct",
-    "eval_loss", "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "train_seconds", "tokens_per_second",
-    "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best", "device", "gpu_uuid", "error",
+    "eval_loss", "eval_loss_se", "perplexity", "rouge_l", "rouge_l_se", "repeat_ngram_rate", "end_marker_rate",
+    "train_seconds", "tokens_per_second", "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best",
+    "device", "gpu_uuid", "error",
+    # the trial's configuration (all its seeds): what the quality rule judges
+    "config", "seed", "seeds", "config_eval_loss", "config_eval_loss_se", "config_eval_loss_sd", "config_rouge_l",
+    "config_rouge_l_sd", "vs_best", "vs_best_se", "vs_base", "vs_base_se",
 ]
 # --metric choices: which way is better for each
 METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
-HIGH_GAP, MEDIUM_GAP, LOOP_RATE, SHORT_WORDS = 0.02, 0.10, 0.5, 5
 # Measures shown as they are named in TrialResult, and those whose column is named differently.
-MEASURES = ("eval_loss", "perplexity", "rouge_l", "repeat_ngram_rate", "end_marker_rate", "gen_mean_words",
-            "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
+MEASURES = ("eval_loss", "eval_loss_se", "perplexity", "rouge_l", "rouge_l_se", "repeat_ngram_rate", "end_marker_rate",
+            "gen_mean_words", "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
 RENAMED = {"tokens_per_second": "train_tokens_per_second", "device": "device_name"}
 
 
@@ -50,8 +49,10 @@ def _measures(res) -> dict:
     return {**{m: getattr(res, m) for m in MEASURES}, **{col: getattr(res, f) for col, f in RENAMED.items()}}
 
 
-def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], metric: str = "eval_loss") -> list[dict]:
-    """One row per planned trial, in plan order; a trial without an outcome never ran (NOT_RUN)."""
+def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], metric: str = "eval_loss",
+               heldout: dict[str, dict] | None = None) -> list[dict]:
+    """One row per planned trial, in plan order; a trial without an outcome never ran (NOT_RUN).
+    ``heldout``: trial id -> its per-example held-out losses (heldout.json), for paired comparisons."""
     rows = []
     for p in planned:
         o = outcomes.get(p.cfg.name, TrialOutcome(sweepdir.NOT_RUN))
@@ -67,43 +68,46 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], m
             "trainable_params": trainable, "total_params": total,
             "trainable_pct": res.trainable_pct if res else 100.0 * trainable / total,
             **measures, "status": o.status, "steps": o.steps, "stop_reason": o.reason, "error": o.error,
-            "baseline": p.cfg.baseline,
+            "baseline": p.cfg.baseline, "config": p.cfg.group, "seed": p.cfg.train_seed,
         })
-    _add_quality(rows, metric)
+    _add_quality(rows, metric, heldout or {})
     return rows
 
 
 def pick_best(rows: list[dict], metric: str) -> dict | None:
-    """The one rule for "best": the finished trial (never the base row) best by ``metric``. The table
-    marks it and summary.csv records it, so export ships the trial the table starred."""
+    """The one rule for "best": among finished trials (never the base row), the configuration best by
+    ``metric`` on average over its seeds, and its seed best by ``metric``. The table marks it and summary.csv
+    records it, so export ships the trial the table starred."""
     ranked = [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED
               and _finite(r["eval_loss"]) and _finite(r[metric])]
-    return METRICS[metric](ranked, key=lambda r: r[metric]) if ranked else None
+    if not ranked:
+        return None
+    configs: dict[str, list[dict]] = {}
+    for r in ranked:
+        configs.setdefault(r["config"], []).append(r)
+    best = METRICS[metric](configs.values(), key=lambda rs: sum(r[metric] for r in rs) / len(rs))
+    return METRICS[metric](best, key=lambda r: r[metric])
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _add_quality(rows: list[dict], metric: str) -> None:
-    base = next((r for r in rows if r["baseline"] and r["status"] == sweepdir.TERMINATED), None)
-    done = [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
-    best_loss = min((r["eval_loss"] for r in done), default=None)
+def _add_quality(rows: list[dict], metric: str, heldout: dict[str, dict]) -> None:
+    finished = [r for r in rows if r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
+    base_rows = [r for r in finished if r["baseline"]]
+    base = Group("base", base_rows[:1], heldout) if base_rows else None
+    names = list(dict.fromkeys(r["config"] for r in rows if not r["baseline"]))
+    groups = {n: Group(n, [r for r in finished if r["config"] == n and not r["baseline"]], heldout) for n in names}
+    verdicts = assess([g for g in groups.values() if g.n], base)
     best = pick_best(rows, metric)
     for r in rows:
-        r["best"] = r is best
-        r["vs_base"] = r["eval_loss"] - base["eval_loss"] if base and r is not base and _finite(r["eval_loss"]) else None
-        if r["baseline"]:
-            r["quality"] = "base"
-            continue
-        if r not in done:
-            r["quality"] = "-"
-            continue
-        gap = (r["eval_loss"] - best_loss) / abs(best_loss) if best_loss else 0.0
-        degenerate = (r["repeat_ngram_rate"] or 0.0) >= LOOP_RATE or (r["gen_mean_words"] or 0.0) < SHORT_WORDS
-        no_gain = base is not None and r["eval_loss"] >= base["eval_loss"]
-        r["quality"] = ("low" if degenerate or no_gain else "high" if gap <= HIGH_GAP
-                        else "medium" if gap <= MEDIUM_GAP else "low")
+        g = base if r["baseline"] else groups[r["config"]]
+        verdict = {} if r["baseline"] else verdicts.get(r["config"], {})
+        known = g is not None and g.n > 0  # a configuration with a finished trial (not only STOPPED / failed ones)
+        stats = dict(seeds=g.n if known else 0, config_eval_loss=g.loss if known else None,
+                     config_eval_loss_se=g.loss_se if known else None, config_eval_loss_sd=g.loss_sd if known else None,
+                     config_rouge_l=g.rouge if known else None, config_rouge_l_sd=g.rouge_sd if known else None,
+                     config_rouge_l_se=g.rouge_se if known else None)
+        r.update(best=r is best, quality="base" if r["baseline"] else verdict.get("quality", "-"), **stats,
+                 tied_with_best=verdict.get("tied_with_best", False),
+                 **{k: verdict.get(k) for k in ("vs_best", "vs_best_se", "vs_base", "vs_base_se")})
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -120,8 +124,8 @@ def _fmt(x, spec: str) -> str:
 
 def table_head(extra: list[str] = ()) -> list[str]:
     """The table's columns; ``extra``: settings that vary between the trials (``varied``), after base bits."""
-    return ["trial", "r", "target_modules", "base bits", *extra, "quality", "params updated (M)", "eval loss",
-            "vs base", "perplexity", "ROUGE-L", "repeat 3-grams", "end marker", "train time (s)", "tokens/s",
+    return ["trial", "r", "target_modules", "base bits", *extra, "quality", "params updated (M)", "eval loss ± SE",
+            "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams", "end marker", "train time (s)", "tokens/s",
             "peak GPU GiB", "device", "status"]
 
 
@@ -142,39 +146,81 @@ def varied(rows: list[dict]) -> list[str]:
     return [h for h in HYPER if len({repr(r[h]) for r in trials}) > 1]
 
 
+def _pm(x, se, spec: str) -> str:
+    """``x +- se`` (the standard error left out where it is unknown)."""
+    return _fmt(x, spec) + (f" ± {format(se, spec.lstrip('+'))}" if _finite(x) and _finite(se) else "")
+
+
+def config_rows(rows: list[dict]) -> list[dict]:
+    """One row per configuration: a trial's own row, or its seeds' first row standing for them all."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["config"] not in out:
+            out[r["config"]] = {**r, "label": r["trial_id"], "statuses": [r["status"]]}
+            continue
+        shown = out[r["config"]]
+        shown["statuses"].append(r["status"])
+        shown["best"] |= r["best"]
+        shown["label"] = f"{r['config']} ({len(shown['statuses'])} seeds)"
+    for shown in out.values():
+        done = shown["statuses"].count(sweepdir.TERMINATED)
+        if len(shown["statuses"]) > 1:
+            shown["status"] = sweepdir.TERMINATED if done == len(shown["statuses"]) else \
+                f"{done}/{len(shown['statuses'])} {sweepdir.TERMINATED}"
+    return list(out.values())
+
+
 def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
-    """One row of the table as text, in ``table_head(extra)``'s order (summary.md, report.html, sweep.status)."""
+    """One line of the table as text, in ``table_head(extra)``'s order (summary.md, report.html, sweep.status):
+    a configuration (``config_rows``), its eval loss and ROUGE-L with their standard errors and seed spread (a
+    STOPPED trial, outside the rule, with its own last eval loss)."""
     targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
         f"{r['targets']} ({', '.join(r['target_modules'].split())})"
     device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
+    grouped = _finite(r.get("config_eval_loss"))
+    loss = r["config_eval_loss"] if grouped else r["eval_loss"]
+    spread = r["config_eval_loss_sd"] if grouped else None
     return [
-        r["trial_id"] + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
+        r.get("label", r["trial_id"]) + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
         "(no adapter)" if r["baseline"] else targets, str(r["bits"]),
         *("-" if r["baseline"] else format(r[h], ".3g") if isinstance(r[h], float) else str(r[h]) for h in extra),
         r["quality"],
-        f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})", _fmt(r["eval_loss"], ".4f"),
-        _fmt(r["vs_base"], "+.4f"), _fmt(r["perplexity"], ".2f"), _fmt(r["rouge_l"], ".3f"),
+        f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})",
+        _pm(loss, r.get("config_eval_loss_se"), ".4f") + (f" (sd {spread:.4f})" if _finite(spread) else ""),
+        _pm(r["vs_base"], r.get("vs_base_se"), "+.4f"), _fmt(perplexity(loss) if _finite(loss) else None, ".2f"),
+        _pm(r["config_rouge_l"] if grouped else r["rouge_l"], r.get("config_rouge_l_se"), ".3f"),
         _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
         _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", _status(r),
     ]
 
 
-def quality_rule(metric: str) -> str:
-    return (f"`*` best by {metric}. quality: high = eval loss within 2% of the best trial's; medium = within "
-            "10%; low = the rest, an eval loss no better than base, or generations that loop (>= 50% repeated "
-            "token 3-grams) or are very short (< 5 words). STOPPED trials (early stopping or a budget) show their "
-            "last eval loss @ its step and are not ranked.")
+def quality_rule(metric: str, rows: list[dict] = ()) -> str:
+    tied = sorted({r["config"] for r in rows if r.get("tied_with_best")})
+    return (f"`*` best by {metric} (with several seeds: the best configuration on average, and its best seed). "
+            "± is one standard error: over held-out examples for eval loss, and paired example by example for "
+            "vs base; over the rows generated for ROUGE-L (over seeds when there are several); sd is the spread "
+            "over seeds. quality: high = eval loss within 2% of the best configuration's, or within noise of it "
+            "(2 standard errors of the difference, seed spread included); medium = within 10%, likewise; low = "
+            "the rest, not better than base beyond noise, or generations that loop (>= 50% repeated token "
+            "3-grams) or are very short (< 5 words). No configuration is labelled above one with a lower eval "
+            "loss. STOPPED trials (early stopping or a budget) show their last eval loss @ its step and are not "
+            "ranked." + (f" Eval loss within noise of the lowest: {', '.join(tied)}." if tied else ""))
 
 
 def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
     extra = varied(rows)
     head = table_head(extra)
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(table_cells(r, extra)) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cells(r, extra)) + " |" for r in config_rows(rows)]
     errors = [f"- {r['trial_id']}: {r['error']}" for r in rows if r["status"] != sweepdir.TERMINATED and r["error"]]
     if errors:
         lines += ["", "Errors:", *errors]
-    lines += ["", quality_rule(metric)]
+    if any(r["seeds"] > 1 for r in rows):
+        lines += ["", "Seeds (eval loss of each):", *[
+            f"- {c}: " + ", ".join(f"{r['eval_loss']:.4f} (seed {r['seed']})" for r in rows
+                                   if r["config"] == c and _finite(r["eval_loss"]))
+            for c in dict.fromkeys(r["config"] for r in rows if r["seeds"] > 1)]]
+    lines += ["", quality_rule(metric, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -223,10 +269,20 @@ def load_generations(out: Path, rows: list[dict]) -> dict[str, list[dict]]:
     return found
 
 
+def load_heldout(out: Path, outcomes: dict[str, TrialOutcome]) -> dict[str, dict]:
+    """Each finished trial's per-example held-out losses (DIR/trials/<id>/heldout.json)."""
+    found = {}
+    for name, o in outcomes.items():
+        path = out / sweepdir.TRIALS_DIR / name / HELDOUT_FILE
+        if o.status == sweepdir.TERMINATED and path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
 def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], *, title: str,
                   metric: str, max_new_tokens: int) -> tuple[list[dict], str]:
     """summary.csv, summary.md and samples.md in the sweep directory; returns the rows and the markdown."""
-    rows = build_rows(planned, outcomes, metric)
+    rows = build_rows(planned, outcomes, metric, load_heldout(out, outcomes))
     write_csv(rows, out / "summary.csv")
     md = to_markdown(rows, title, metric)
     sweepdir.write_text(out / "summary.md", md)

@@ -25,8 +25,8 @@ PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "lora_sweep.sweep_id", "lora_sweep.trial_fp", "lora_sweep.role"
 ERROR_TAG, STOPPED_TAG = "lora_sweep.error", "lora_sweep.stopped"
 TRIAL_PARAMS = ("r", "bits", "lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size",
-                "grad_accum", "model", "dataset", "max_seq_length", "train_samples", "seed", "device", "max_new_tokens",
-                "eval_every")
+                "grad_accum", "model", "dataset", "max_seq_length", "train_samples", "seed", "seeds", "device",
+                "max_new_tokens", "eval_every")
 STEP_METRICS = ("loss", "learning_rate", "tokens_per_second")
 SYSTEM_PREFIX = "system/"  # where MLflow's own system metrics live, so its "System metrics" charts show ours
 # The experiment kind MLflow's UI reads to open an experiment on its runs rather than on the GenAI trace
@@ -39,6 +39,7 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params["targets"] = cfg.targets_label
     params["target_modules"] = ",".join(cfg.target_modules)
     params["generation"] = "greedy"
+    params["train_seed"], params["config"] = str(cfg.train_seed), cfg.group  # seed repeats share "config"
     return params
 
 

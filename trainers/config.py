@@ -27,7 +27,8 @@ METRICS_FILE = "metrics.json"
 GENERATIONS_JSON = "generations.json"
 GENERATIONS_MD = "generations.md"
 CONFIG_FILE = "config.json"
-RESULT_FILES = (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE, CONFIG_FILE)
+HELDOUT_FILE = "heldout.json"  # per-example held-out losses: the table's paired comparisons need them
+RESULT_FILES = (GENERATIONS_MD, GENERATIONS_JSON, METRICS_FILE, CONFIG_FILE, HELDOUT_FILE)
 
 
 def perplexity(eval_loss: float) -> float:
@@ -74,6 +75,11 @@ class Settings:
     """Rows sampled (with ``seed``) from the dataset before the train/test split."""
     test_fraction: float = 0.1
     seed: int = 42
+    """Seeds the data sample and train/test split, a ``random:`` base's weights, and training."""
+    seeds: int = 1
+    """Train every trial this many times, with training seeds ``seed``, ``seed + 1``, ...: the LoRA
+    initialisation, dropout and data order change, the data split and the base do not, so the repeats
+    are measured on the same held-out examples and the table can report mean +- spread over seeds."""
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     max_new_tokens: int = 128
@@ -141,6 +147,10 @@ class TrialConfig(Settings):
     """Module names the preset resolved to on this model; filled in by the driver's plan step."""
     baseline: bool = False
     """The base model before fine-tuning: evaluated and generated for exactly like a trial, never trained."""
+    replicate: int = 0
+    """Which of the ``seeds`` repeats of its configuration this trial is (0, 1, ...)."""
+    config_name: str = ""
+    """The configuration's name, shared by its seed repeats (empty: the trial's own name)."""
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every invalid value; empty when the config is valid."""
@@ -180,6 +190,7 @@ class TrialConfig(Settings):
         for name in ("heldout_prompts", "eval_every"):
             check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "must be an integer >= 0")
         check("seed", _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "must be an integer in [0, 2**32)")
+        check("seeds", _is_int(self.seeds) and 1 <= self.seeds <= 100, "must be an integer from 1 to 100")
         for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
         # last: an automatic name is only bad because a field above is
@@ -201,6 +212,16 @@ class TrialConfig(Settings):
     @property
     def use_rslora(self) -> bool:
         return self.alpha_rule == "rslora"
+
+    @property
+    def train_seed(self) -> int:
+        """Seeds training (LoRA init, dropout, data order); ``seed`` alone seeds the data split and the base."""
+        return self.seed + self.replicate
+
+    @property
+    def group(self) -> str:
+        """The configuration this trial repeats: the table's row when a sweep has several seeds."""
+        return self.config_name or self.name
 
     @property
     def targets_label(self) -> str:
@@ -361,8 +382,12 @@ class TrialResult:
     total_params: int = _tracked("metric")
     trainable_pct: float = _tracked("metric")
     eval_loss: float = _tracked("metric")
+    eval_loss_se: float = _tracked("metric")
+    """Standard error of eval_loss over the held-out examples (``trainers/stats.py``)."""
     perplexity: float = _tracked("metric")
     rouge_l: float = _tracked("metric")
+    rouge_l_se: float = _tracked("metric")
+    """Standard error of rouge_l over the held-out rows generated for (nan with fewer than two)."""
     repeat_ngram_rate: float = _tracked("metric")
     end_marker_rate: float = _tracked("metric")
     gen_mean_words: float = _tracked("metric")

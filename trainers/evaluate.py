@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.data import END_MARKER, POST_PROMPTS, prompt
+from trainers.stats import mean_se, ratio_se
 
 # Tokens per evaluation forward pass (padding included). Its logits, about 10 bytes a token per vocabulary
 # entry in all, are a trial's memory peak when training needs less (sweep/plan.py counts them).
@@ -28,6 +29,11 @@ class HeldoutLoss:
         """Mean loss per target token over the whole split: independent of how examples are batched
         (transformers' Trainer.evaluate averages per-batch means, which moves with the batch size)."""
         return sum(self.sums) / max(sum(self.counts), 1)
+
+    @property
+    def se(self) -> float:
+        """Standard error of ``mean`` over held-out examples (``trainers/stats.py`` says how)."""
+        return ratio_se(self.sums, self.counts)
 
 
 @torch.no_grad()
@@ -132,13 +138,15 @@ def generate(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[d
 
 
 def generation_metrics(results: list[dict]) -> dict:
-    scored = [r for r in results if r["reference"]]
+    """Means over the generations; ROUGE-L over the held-out rows with its standard error across them."""
+    rouge = [rouge_l(r["generation"], r["reference"]) for r in results if r["reference"]]
     n = max(len(results), 1)
     return {
         "repeat_ngram_rate": sum(r["repeat_rate"] for r in results) / n,
         "gen_mean_words": sum(len(r["generation"].split()) for r in results) / n,
         "end_marker_rate": sum(r["ended"] for r in results) / n,
-        "rouge_l": sum(rouge_l(r["generation"], r["reference"]) for r in scored) / len(scored) if scored else 0.0,
+        "rouge_l": sum(rouge) / len(rouge) if rouge else 0.0,
+        "rouge_l_se": mean_se(rouge),
     }
 
 

@@ -98,8 +98,8 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=compute_dtype_name(cfg.device) == "bfloat16",
         use_cpu=not cuda,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=cfg.train_seed,  # the seed repeats differ in training only (the split is seeded by cfg.seed)
+        data_seed=cfg.train_seed,
         eval_strategy="no",
         # Checkpoints (adapter, optimizer, scheduler, RNG, step) let an interrupted trial resume mid-way;
         # the trial hands each one to Ray Tune, so one local copy is enough.

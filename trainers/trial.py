@@ -22,8 +22,8 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult,
-                             is_quantized, perplexity)
+                             HELDOUT_FILE, METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig,
+                             TrialResult, is_quantized, perplexity)
 from trainers.data import build_splits, fingerprint
 from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
 from trainers.guards import FiniteLossGuard, check_finite
@@ -160,7 +160,7 @@ def setup(cfg: TrialConfig) -> Setup:
     # the base model, and its eval loss and generations come from the very same code as a trial's.
     # Seeded here, not only at the start: building a random: base (done by whichever trial gets there
     # first) draws from the same generator, and the LoRA A factors must not depend on that race.
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train_seed)
     model = get_peft_model(model, lora_config(cfg))
     trainable, total = model.get_nb_trainable_parameters()
     if cfg.baseline:
@@ -214,7 +214,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
         raise RuntimeError("trial asks for device=cuda but no CUDA GPU is visible to it")
     if not cuda:
         torch.set_num_threads(cfg.cpus_per_trial)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))  # what export needs to rebuild it
 
@@ -230,16 +230,19 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     setup_seconds = time.perf_counter() - clock - t.seconds  # data, base, adapter, trainer
     # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
     clock = time.perf_counter()
-    eval_loss = evaluate()
+    heldout = heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device)  # per example: error bars
+    eval_loss = heldout.mean
     check_finite("eval loss", eval_loss)
     eval_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
                            cfg.max_new_tokens)
     generate_seconds = time.perf_counter() - clock
     save(cfg, s, out_dir, generations)
+    (out_dir / HELDOUT_FILE).write_text(json.dumps({"row_ids": list(s.splits["test"]["row_id"]),
+                                                    "sums": heldout.sums, "counts": heldout.counts}))
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
-        eval_loss=eval_loss, perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
+        eval_loss=eval_loss, eval_loss_se=heldout.se, perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
         train_seconds=t.seconds, eval_seconds=eval_seconds, generate_seconds=generate_seconds, train_tokens=t.tokens,
         train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,

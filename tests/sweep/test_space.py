@@ -60,6 +60,7 @@ def test_fixed_values_and_per_trial_overrides(tmp_path):
     ('Trial(r=8, targets="attention", bits=5)', "bits", "one of 4, 8, 16"),
     ('Trial(r=8, targets="mlp_only", bits=4)', "targets", "preset"),
     ('Trial(r=8, targets="attention", bits=4, lora_dropout=1.5)', "lora_dropout", "[0, 1)"),
+    ('Trial(r=8, targets="attention", bits=4, seeds=0)', "seeds", "from 1 to 100"),
 ])
 def test_bad_values_name_file_trial_and_field(tmp_path, trial, field, says):
     path = write_space(tmp_path / "bad.py", trials=f'Trial(r=8, targets="attention", bits=4), {trial}')
@@ -89,6 +90,28 @@ def test_syntax_error_and_missing_file(tmp_path):
         load_space(bad)
     with pytest.raises(SpaceError, match="space file not found"):
         load_space(tmp_path / "nope.py")
+
+
+def test_seeds_repeat_a_trial_with_training_seeds_on_one_data_split(tmp_path):
+    from sweep.space import baseline_of, sweep_fingerprint
+
+    path = write_space(tmp_path / "s.py", settings="seed=7",
+                       trials='Trial(r=8, targets="attention", bits=4, seeds=3), Trial(r=16, targets="attention", bits=4)')
+    runs = expand(load_space(path), path)
+    assert [c.name for c in runs] == ["r8-attention-4bit-seed7", "r8-attention-4bit-seed8", "r8-attention-4bit-seed9",
+                                      "r16-attention-4bit"]
+    assert [(c.replicate, c.train_seed, c.seed, c.group) for c in runs] == [
+        (0, 7, 7, "r8-attention-4bit"), (1, 8, 7, "r8-attention-4bit"), (2, 9, 7, "r8-attention-4bit"),
+        (0, 7, 7, "r16-attention-4bit")]  # seed (the split, the base) stays 7: repeats see the same test rows
+    assert len({c.fingerprint for c in runs}) == 4
+    base = baseline_of(runs[1])
+    assert (base.name, base.replicate, base.train_seed, base.group) == ("base", 0, 7, "base")
+    twice = expand(load_space(path), path, parse_sets(["seeds=2"]))  # --set seeds=2 applies to every trial
+    assert [c.name for c in twice] == ["r8-attention-4bit-seed7", "r8-attention-4bit-seed8", "r16-attention-4bit-seed7",
+                                       "r16-attention-4bit-seed8"]
+    assert sweep_fingerprint(twice) != sweep_fingerprint(runs)
+    with pytest.raises(SpaceError, match="--set replicate: unknown key"):
+        parse_sets(["replicate=1"])
 
 
 def test_set_overrides_are_typed():

@@ -2,11 +2,14 @@
 
 import csv
 
+import pytest
+
 from sweep.plan import PlannedTrial
 from sweep.summary import CSV_COLUMNS, build_rows, to_markdown, write_csv
 from sweep.sweepdir import ERROR, TERMINATED, TrialOutcome
 from tests.conftest import make_result, read_csv
 from trainers.config import TrialConfig
+from trainers.stats import ratio_se
 
 
 def planned(name, r=8, baseline=False):
@@ -61,7 +64,7 @@ def test_baseline_row_gives_deltas_and_caps_quality():
     assert [r["best"] for r in rows] == [False, False, False, True]  # best by ROUGE-L, never the base row
     md = to_markdown(rows, "t", "rouge_l")
     assert "| base | - | (no adapter) | 4 | base | 0.000 (0) |" in md and "best by rouge_l" in md
-    assert "| -1.0000 |" in md
+    assert "| -1.0000 ± 0.0141 |" in md  # no heldout.json here: unpaired, sqrt(0.01^2 + 0.01^2)
 
 
 def test_csv_records_best_and_quality_and_export_ships_the_starred_trial(tmp_path):
@@ -77,3 +80,69 @@ def test_csv_records_best_and_quality_and_export_ships_the_starred_trial(tmp_pat
                                                          "wordy": "true"}
     assert [r["quality"] for r in table.values()] == ["base", "high", "low", "high"]
     assert pick_trial(read_sweep(tmp_path), "best") == "wordy"  # not "good", which has the lowest eval loss
+
+
+def seeded(config, k, seeds=3):
+    cfg = TrialConfig(name=f"{config}-seed{42 + k}", index=0, model="m", dataset="d", r=8, targets="attention", bits=4,
+                      target_modules=("q_proj", "v_proj"), seeds=seeds, replicate=k, config_name=config)
+    return PlannedTrial(cfg, 100, 1000)
+
+
+def test_paired_heldout_losses_separate_what_unpaired_errors_cannot():
+    """Same 40 held-out examples for both trials: example difficulty cancels in the paired difference."""
+    import random
+
+    rng = random.Random(0)
+    counts = [rng.randint(50, 200) for _ in range(40)]
+    hard = [rng.uniform(1.0, 3.0) for _ in counts]
+    heldout = {name: {"row_ids": list(range(40)), "counts": counts,
+                      "sums": [c * (h + shift + rng.gauss(0, 0.01)) for c, h in zip(counts, hard)]}
+               for name, shift in (("a", 0.0), ("b", 0.06))}
+    loss = {n: sum(h["sums"]) / sum(counts) for n, h in heldout.items()}
+    outcomes = {n: TrialOutcome(TERMINATED, make_result(eval_loss=loss[n], eval_loss_se=0.08)) for n in heldout}
+    ps = [planned("a"), planned("b")]
+    assert 0.02 < (loss["b"] - loss["a"]) / loss["a"] < 0.10  # medium by its gap, if the gap is real
+    unpaired = build_rows(ps, outcomes)
+    assert [r["quality"] for r in unpaired] == ["high", "high"]  # SEs of 0.08 each: within noise
+    assert unpaired[1]["tied_with_best"] and unpaired[1]["vs_best_se"] == pytest.approx(0.08 * 2 ** 0.5)
+    paired = build_rows(ps, outcomes, heldout=heldout)
+    assert [r["quality"] for r in paired] == ["high", "medium"]
+    assert paired[1]["vs_best"] == pytest.approx(loss["b"] - loss["a"])
+    assert paired[1]["vs_best_se"] < 0.01 and not paired[1]["tied_with_best"]
+    # the configuration's own SE comes from the per-example losses, not the trial's reported one
+    assert paired[0]["config_eval_loss_se"] == pytest.approx(ratio_se(heldout["a"]["sums"], counts))
+
+
+def test_seeds_give_one_line_per_configuration_with_mean_and_spread(tmp_path):
+    losses = {"A": [2.00, 2.01, 2.02], "B": [2.02, 2.12, 2.07], "C": [2.30, 2.31, 2.29]}
+    ps = [planned("base", baseline=True)] + [seeded(c, k) for c in losses for k in range(3)]
+    outcomes = {"base": done(3.0, trainable=0)}
+    outcomes |= {f"{c}-seed{42 + k}": done(v) for c, vs in losses.items() for k, v in enumerate(vs)}
+    rows = build_rows(ps, outcomes)
+    by_id = {r["trial_id"]: r for r in rows}
+    # A and B differ by 0.06 (3%), but B's seeds spread 0.05: within noise, so B is not worse than A
+    assert {c: by_id[f"{c}-seed42"]["quality"] for c in losses} == {"A": "high", "B": "high", "C": "low"}
+    assert [r["trial_id"] for r in rows if r["best"]] == ["A-seed42"]  # best configuration, its best seed
+    a = by_id["A-seed43"]
+    assert (a["config"], a["seed"], a["seeds"]) == ("A", 43, 3)
+    assert a["config_eval_loss"] == pytest.approx(2.01) and a["config_eval_loss_sd"] == pytest.approx(0.01)
+    assert a["config_eval_loss_se"] == pytest.approx(0.01)  # no heldout.json: the mean of the trials' SEs
+    assert by_id["B-seed42"]["vs_best_se"] == pytest.approx((0.01 ** 2 * 2 + 0.01 ** 2 / 3 + 0.05 ** 2 / 3) ** 0.5)
+    md = to_markdown(rows, "t")
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 4  # header + base + three configurations
+    assert "| A (3 seeds) * |" in md and "2.0100 ± 0.0100 (sd 0.0100)" in md
+    assert "- B: 2.0200 (seed 42), 2.1200 (seed 43), 2.0700 (seed 44)" in md
+    assert "Eval loss within noise of the lowest: B." in md
+    write_csv(rows, tmp_path / "summary.csv")
+    table = read_csv(tmp_path / "summary.csv")
+    assert len(table) == 10 and table["C-seed44"]["config"] == "C" and table["C-seed44"]["seeds"] == "3"
+    assert float(table["C-seed44"]["config_eval_loss"]) == pytest.approx(2.30)
+
+
+def test_labels_never_rank_a_noisier_configuration_above_a_better_one():
+    rows = build_rows([planned("a"), planned("b"), planned("c")], {
+        "a": TrialOutcome(TERMINATED, make_result(eval_loss=2.00, eval_loss_se=0.001)),
+        "b": TrialOutcome(TERMINATED, make_result(eval_loss=2.10, eval_loss_se=0.001)),  # 5% worse, precise: medium
+        "c": TrialOutcome(TERMINATED, make_result(eval_loss=2.15, eval_loss_se=0.2)),  # worse still, but noisy
+    })
+    assert [r["quality"] for r in rows] == ["high", "medium", "medium"]  # c alone would be "high" (within noise)
