@@ -225,11 +225,12 @@ def merge_check(cfg: TrialConfig, model, adapter: Path, tokenizer, splits, stagi
 
     from trainers import merge as M
 
-    if merge_base == "trial":  # a fresh PEFT model on the dequantized fp32 weights: PEFT's 4/8-bit merge would requantize
+    if merge_base == "trial":  # a fresh PEFT model on dequantized fp32 weights (PEFT's 4/8-bit merge would requantize)
         model = PeftModel.from_pretrained(M.trained_weights(model), str(adapter))
     M.merge(model, dtype).save_pretrained(staging)
     del model
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, device_map={"": 0} if cfg.device == "cuda" else {"": "cpu"})
+    device_map = {"": 0} if cfg.device == "cuda" else {"": "cpu"}
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, device_map=device_map)
     merged_loss = M.eval_loss(cfg, reloaded, tokenizer, splits, autocast=False)  # as stored: no autocast rounding
     stored = str(next(reloaded.parameters()).dtype).removeprefix("torch.")
     del reloaded

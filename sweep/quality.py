@@ -48,7 +48,8 @@ class Group:
         self.loss_sd = sd([r["eval_loss"] for r in runs])
         self.rouge = _mean(r["rouge_l"] for r in runs)
         self.rouge_sd = sd([r["rouge_l"] for r in runs])
-        self.rouge_se = self.rouge_sd / math.sqrt(self.n) if self.n >= 2 else runs[0]["rouge_l_se"] if runs else math.nan
+        one = runs[0]["rouge_l_se"] if runs else math.nan
+        self.rouge_se = self.rouge_sd / math.sqrt(self.n) if self.n >= 2 else one
         self.repeat = _mean(r["repeat_ngram_rate"] for r in runs)
         self.words = _mean(r["gen_mean_words"] for r in runs)
         per_run = [heldout.get(r["trial_id"]) for r in runs]
@@ -88,7 +89,8 @@ def assess(groups: list[Group], base: Group | None) -> dict[str, dict]:
         ceiling = loss_label  # never above a configuration with a lower eval loss
         d_base, se_base = g.diff(base) if base is not None else (math.nan, math.nan)
         no_gain = base is not None and d_base > -Z * se_base
-        degenerate = (g.repeat if finite(g.repeat) else 0.0) >= LOOP_RATE or (g.words if finite(g.words) else 0) < SHORT_WORDS
+        degenerate = (g.repeat if finite(g.repeat) else 0.0) >= LOOP_RATE or \
+            (g.words if finite(g.words) else 0.0) < SHORT_WORDS
         out[g.name] = {"quality": "low" if degenerate or no_gain else loss_label, "vs_base": d_base,
                        "vs_base_se": se_base, "vs_best": d_best, "vs_best_se": se_best,
                        "tied_with_best": g is not best and abs(d_best) <= Z * se_best}
