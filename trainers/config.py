@@ -56,7 +56,8 @@ class Settings:
     """Values shared by every trial of a sweep; a Trial may override any of them."""
 
     model: str
-    """Hub id, local checkpoint directory, or ``random:<bundled config>`` (seeded random weights)."""
+    """Hub id, local checkpoint directory, ``bundled:desc-llama`` (the demo's small pretrained base, shipped
+    with its weights) or ``random:<bundled config>`` (seeded random weights)."""
     dataset: str
     """Hub dataset id, a local .jsonl/.csv/.parquet file, or ``bundled:products-400``."""
     device: Literal["cuda", "cpu"] = "cuda"

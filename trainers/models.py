@@ -6,6 +6,8 @@ Model ids:
   ``random:<name>``    a bundled architecture config (``trainers/assets/models/<name>``) with seeded
                        random weights, written once as a real checkpoint so 4/8-bit quantization
                        follows exactly the path a downloaded checkpoint takes
+  ``bundled:<name>``   a checkpoint shipped with its weights in ``trainers/assets/models/<name>``
+                       (``desc-llama``, the offline demo's pretrained base)
 """
 
 from __future__ import annotations
@@ -63,8 +65,20 @@ def _bundled_dir(name: str) -> Path:
     return path
 
 
+def bundled_checkpoint(model_id: str) -> Path:
+    """``bundled:<name>`` -> its directory, which must hold weights (not only a config, as random: needs)."""
+    name = model_id.removeprefix("bundled:")
+    path = ASSETS / name
+    if not (path / "model.safetensors").is_file():
+        shipped = [n for n in bundled_names() if (ASSETS / n / "model.safetensors").is_file()]
+        raise ModelError(f"unknown bundled checkpoint '{model_id}' (bundled with weights: {', '.join(shipped)})")
+    return path
+
+
 def load_config(model_id: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config without its weights: local, HF cache, Hub, or bundled copy, in that order."""
+    if model_id.startswith("bundled:"):
+        return AutoConfig.from_pretrained(bundled_checkpoint(model_id))
     if model_id.startswith("random:"):
         return AutoConfig.from_pretrained(_bundled_dir(model_id.removeprefix("random:")))
     if Path(model_id).is_dir():
@@ -201,9 +215,10 @@ def _build_device() -> str:
 
 
 def check_weights_available(model_id: str, trust_remote_code: bool = False) -> None:
-    """Raise ModelError unless a trial could load this model's weights: bundled random, local, Hub or cache."""
-    if Path(model_id).is_dir():
-        check_local_checkpoint(Path(model_id), trust_remote_code)
+    """Raise ModelError unless a trial could load this model's weights: bundled, random, local, Hub or cache."""
+    if model_id.startswith("bundled:") or Path(model_id).is_dir():
+        path = bundled_checkpoint(model_id) if model_id.startswith("bundled:") else Path(model_id)
+        check_local_checkpoint(path, trust_remote_code)
         return
     if model_id.startswith("random:") or hub_reachable():
         return
@@ -244,6 +259,8 @@ def checkpoint_path(cfg) -> str:
     """Where from_pretrained reads weights: the Hub id, the local directory or the materialized random model."""
     if cfg.model.startswith("random:"):
         return str(materialize_random(cfg.model.removeprefix("random:"), cfg.seed))
+    if cfg.model.startswith("bundled:"):
+        return str(bundled_checkpoint(cfg.model))
     check_weights_available(cfg.model, cfg.trust_remote_code)
     return cfg.model
 

@@ -1,4 +1,5 @@
-"""The smoke sweep through the real CLI: Ray Tune, bitsandbytes 4/8-bit on CPU, MLflow, the table."""
+"""The smoke sweep through the real CLI: Ray Tune, bitsandbytes 4/8-bit on CPU, MLflow, the table, on the
+pretrained desc-llama base: a base that writes, trials that beat it beyond noise, labels that follow eval loss."""
 
 import csv
 import json
@@ -17,15 +18,16 @@ from tests.conftest import REPO, chromium, read_csv, run_cli
 
 pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
 
-# Exact LoRA sizes on tiny-llama (hidden 64, intermediate 128, vocab 1,024, 2 layers):
-#   attention r=8:  2 layers x (q, v) x 8 x (64 + 64)                                  = 4,096
-#   all_linear r=8: 2 x [4 x 8 x 128 + 2 x 8 x (64 + 128) + 8 x (128 + 64)] + 8 x (64 + 1024) = 26,112
+# Exact LoRA sizes on desc-llama (hidden 128, intermediate 352, vocab 2,048, 2 layers):
+#   attention r=8:  2 layers x (q, v) x 8 x (128 + 128)                                      = 8,192
+#   all_linear r=8: 2 x [4 x 8 x 256 + 2 x 8 x (128 + 352) + 8 x (352 + 128)] + 8 x (128 + 2048) = 56,832
 EXPECTED = {
-    "r8-attention-4bit": (8, 4, 4096, "q_proj v_proj"),
-    "r16-attention-4bit": (16, 4, 8192, "q_proj v_proj"),
-    "r8-all_linear-4bit": (8, 4, 26112, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
-    "r8-all_linear-8bit": (8, 8, 26112, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
+    "r8-attention-4bit": (8, 4, 8192, "q_proj v_proj"),
+    "r16-attention-4bit": (16, 4, 16384, "q_proj v_proj"),
+    "r8-all_linear-4bit": (8, 4, 56832, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
+    "r8-all_linear-8bit": (8, 8, 56832, "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head"),
 }
+LABELS = ("low", "medium", "high")
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +69,38 @@ def test_summary_csv_has_four_finished_rows_with_exact_counts(sweep):
         assert float(row["perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"])), rel=1e-6)
         assert float(row["peak_gpu_mem_gb"]) == 0.0
         assert (row["device"], row["gpu_uuid"]) == ("cpu", "")
-    # the all-linear trials learned more than the base model knew
-    assert float(rows["r8-all_linear-4bit"]["eval_loss"]) < float(base["eval_loss"]) - 0.5
     md = (sweep["dir"] / "summary.md").read_text()
     assert sum(line.startswith("| r") for line in md.splitlines()) == 4  # one row per trial
     assert "| base |" in md and "params updated (M)" in md and "vs base" in md
+
+
+def test_a_base_that_writes_and_trials_the_table_tells_apart(sweep):
+    """What the random base could never show: the base writes (no loops), every trial beats it beyond noise,
+    the labels follow eval loss, and all-linear adapters beat attention-only ones by more than the noise."""
+    rows = read_csv(sweep["dir"] / "summary.csv")
+    base = json.loads((sweep["dir"] / "trials" / "base" / "metrics.json").read_text())
+    assert base["repeat_ngram_rate"] < 0.5 and base["gen_mean_words"] >= 5  # sentences, not loops
+    for name in EXPECTED:
+        row = rows[name]
+        assert 0 < float(row["eval_loss_se"]) < 0.1 and float(row["rouge_l_se"]) >= 0
+        assert float(row["vs_base"]) + 2 * float(row["vs_base_se"]) < 0, name  # better than base beyond noise
+        assert (sweep["dir"] / "trials" / name / "heldout.json").is_file()
+    assert any(rows[n]["quality"] in ("high", "medium") for n in EXPECTED)
+    by_loss = sorted(EXPECTED, key=lambda n: float(rows[n]["eval_loss"]))
+    ranks = [LABELS.index(rows[n]["quality"]) for n in by_loss]
+    assert ranks == sorted(ranks, reverse=True), [(n, rows[n]["quality"]) for n in by_loss]  # labels follow loss
+    assert {n: rows[n]["quality"] for n in by_loss[:2]} == {"r8-all_linear-4bit": "high", "r8-all_linear-8bit": "high"}
+    for name in ("r8-attention-4bit", "r16-attention-4bit"):  # the post's finding, beyond noise
+        assert rows[name]["quality"] != "high" and float(rows[name]["vs_best"]) > 2 * float(rows[name]["vs_best_se"])
+    # the paired SE of a difference is far below either trial's own SE: same held-out examples
+    assert float(rows["r8-attention-4bit"]["vs_base_se"]) < float(rows["r8-attention-4bit"]["eval_loss_se"]) / 3
 
 
 def test_samples_md_has_every_prompt_for_every_trial(sweep):
     samples = (sweep["dir"] / "samples.md").read_text()
     assert "max_new_tokens=32" in samples and "Greedy" in samples
     sections = samples.split("\n## ")[1:]
-    assert len(sections) == 2 + 3  # the post's two prompts + 3 held-out test rows
+    assert len(sections) == 2 + 6  # the post's two prompts + 6 held-out test rows
     assert sections[0].startswith("Corelogic Smooth Mouse (Optical Mouse)")
     assert sections[1].startswith("Hoover Lightspeed (Cordless Vacuum Cleaner)")
     for section in sections:
@@ -94,7 +116,7 @@ def test_bitsandbytes_layers_and_loss_goes_down(sweep):
         # tiny-llama has 2 layers x 7 projections; lm_head stays unquantized, as transformers does by default
         assert (m["bnb_layer_type"], m["bnb_layers"]) == ({4: "Linear4bit", 8: "Linear8bitLt"}[bits], 14)
         assert m["train_loss_last"] < m["train_loss_first"] - 0.05, name
-        assert m["train_steps"] == 72  # 288 examples / batch 8 x 2 epochs
+        assert m["train_steps"] == 34  # 272 examples / batch 8 x 1 epoch
         assert len(m["dataset_fingerprint"]) == 16
     fingerprints = {json.loads((sweep["dir"] / "trials" / n / "metrics.json").read_text())["dataset_fingerprint"]
                     for n in [*EXPECTED, "base"]}
@@ -135,14 +157,16 @@ def test_mlflow_one_parent_four_children(sweep):
         p = child.data.params
         r, bits, trainable, modules = EXPECTED[child.info.run_name]
         assert (p["r"], p["bits"], p["target_modules"]) == (str(r), str(bits), modules.replace(" ", ","))
-        assert (p["lora_alpha"], p["lora_dropout"], p["epochs"], p["batch_size"]) == ("8", "0.05", "2", "8")
+        assert (p["lora_alpha"], p["lora_dropout"], p["epochs"], p["batch_size"]) == ("8", "0.05", "1", "8")
         assert (p["max_seq_length"], p["train_samples"], p["seed"]) == ("256", "320", "42")
-        assert p["model"] == "random:tiny-llama" and p["dataset"] == "bundled:products-400"
-        assert p["learning_rate"] == "0.003" and p["generation"] == "greedy" and len(p["dataset_fingerprint"]) == 16
+        assert p["model"] == "bundled:desc-llama" and p["dataset"] == "bundled:products-400"
+        assert p["learning_rate"] == "0.001" and p["generation"] == "greedy" and len(p["dataset_fingerprint"]) == 16
+        assert (p["seeds"], p["train_seed"], p["config"]) == ("1", "42", child.info.run_name)
         assert child.data.metrics["trainable_params"] == trainable
         assert math.isfinite(child.data.metrics["eval_loss"])
+        assert 0 < child.data.metrics["eval_loss_se"] < 0.1 and "rouge_l_se" in child.data.metrics
         history = client.get_metric_history(child.info.run_id, "loss")
-        assert len(history) == 19 and history[0].step == 1 and history[-1].step == 72
+        assert len(history) == 9 and history[0].step == 1 and history[-1].step == 32  # steps 1, 4, 8, ..., 32
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"adapter", "generations.md", "generations.json"} <= artifacts
 
@@ -155,7 +179,7 @@ def test_console_is_quiet_and_every_trial_ends_on_one_line(sweep):
     assert len(console.splitlines()) <= 60
     assert re.search(r"^\[\d+:\d\d\] base\s+TERMINATED\s+-\s+loss\s+-\s+eval\s+\d+\.\d{4}", console, re.M)
     for name in EXPECTED:
-        assert re.search(rf"^\[\d+:\d\d\] {name}\s+TERMINATED\s+72/72\s+loss\s+\d+\.\d{{4}}\s+eval\s+\d+\.\d{{4}}\s+"
+        assert re.search(rf"^\[\d+:\d\d\] {name}\s+TERMINATED\s+34/34\s+loss\s+\d+\.\d{{4}}\s+eval\s+\d+\.\d{{4}}\s+"
                          rf"[\d.]+k? tok/s\s+cpu \d+%\s+took \d+:\d\d$", console, re.M), name
     for noise in ("MatMul8bitLt", "Checkpoint successfully created", "FutureWarning", "UserWarning", "tensorboard",
                   "Trial status", "Traceback", "INFO"):
@@ -184,9 +208,9 @@ def test_plots_are_pngs_built_from_every_trial(sweep):
     rows, _ = table(SweepProgress.read(sweep["dir"]))
     csv_rows = read_csv(sweep["dir"] / "summary.csv")
     curves = plots.read_curves(sweep["dir"], [r["trial_id"] for r in rows])
-    for name in EXPECTED:  # logging_steps=4 with the first step: 1, 4, 8, ..., 72
-        assert [s for s, _ in curves[name]["train"]] == [1, *range(4, 73, 4)]
-        assert curves[name]["eval"] == [(72, pytest.approx(float(csv_rows[name]["eval_loss"])))]
+    for name in EXPECTED:  # logging_steps=4 with the first step: 1, 4, 8, ..., 32 of 34
+        assert [s for s, _ in curves[name]["train"]] == [1, *range(4, 33, 4)]
+        assert curves[name]["eval"] == [(34, pytest.approx(float(csv_rows[name]["eval_loss"])))]
     cost = plots.quality_vs_cost(rows).axes[0]
     assert [c.get_label() for c in cost.collections] == list(EXPECTED)
     labels = {ln.get_label() for ln in plots.loss_curves(curves, rows).axes[0].get_lines()}
@@ -230,9 +254,9 @@ def test_mlflow_compare_view_material(sweep):
     for child in (r for r in runs if r.data.tags.get("lora_sweep.role") == "trial"):
         run_id = child.info.run_id
         rates = client.get_metric_history(run_id, "tokens_per_second")
-        assert len(rates) == 19 and all(m.value > 0 for m in rates)
+        assert len(rates) == 9 and all(m.value > 0 for m in rates)
         cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
-        assert len(cpu) >= 2 and all(0 <= m.value <= 100 and 1 <= m.step <= 72 for m in cpu), child.info.run_name
+        assert len(cpu) >= 2 and all(0 <= m.value <= 100 and 1 <= m.step <= 34 for m in cpu), child.info.run_name
         assert client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
 
 

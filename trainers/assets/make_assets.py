@@ -12,7 +12,8 @@ Writes:
                                   token counts per example (real runs use the checkpoint's own)
 
 The model configs under models/ are written by hand (tiny-llama) or copied from the published
-config.json of the checkpoint (open_llama_3b_v2); they are data, not code.
+config.json of the checkpoint (open_llama_3b_v2); they are data, not code. models/desc-llama (the
+demo's pretrained base, with its own tokenizer and weights) is written by pretrain.py beside this file.
 """
 
 import json
