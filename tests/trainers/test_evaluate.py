@@ -1,5 +1,7 @@
 """Generation-quality measures: exact values on hand-made strings."""
 
+import math
+
 import pytest
 
 from trainers.evaluate import generation_metrics, repeated_ngram_rate, rouge_l
@@ -25,5 +27,10 @@ def test_generation_metrics_average_over_prompts():
         {"generation": "one two", "ended": False, "repeat_rate": 0.5, "reference": "one two three"},
     ]
     m = generation_metrics(results)
+    se = m.pop("rouge_l_se")
     assert m == {"repeat_ngram_rate": 0.25, "gen_mean_words": 3.0, "end_marker_rate": 0.5,
                  "rouge_l": pytest.approx(0.8)}
+    assert math.isnan(se)  # one scored row: no standard error
+    results.append({"generation": "one", "ended": False, "repeat_rate": 0.0, "reference": "one two three"})
+    # ROUGE-L 0.8 and 0.5: mean 0.65, sd 0.2121, SE 0.15
+    assert generation_metrics(results)["rouge_l_se"] == pytest.approx(0.15)
