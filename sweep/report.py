@@ -34,8 +34,7 @@ figure { display: inline-block; margin: 0 1em 1em 0; } figure img { max-width: 1
 details { margin: .4em 0; } summary { cursor: pointer; } code { background: #f3f3f3; padding: 0 3px; }
 """
 NUMERIC = {"params updated (M)", "eval loss ± SE", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
-           "end marker",
-           "train time (s)", "tokens/s", "peak GPU GiB", "r", "base bits"}
+           "end marker", "train time (s)", "tokens/s", "peak GPU GiB", "r", "base bits"}
 
 
 def _table(rows: list[dict], metric: str) -> str:
