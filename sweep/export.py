@@ -114,9 +114,7 @@ def check_out(out: Path) -> None:
         # Writing into an old export could leave adapter files next to a merged model, and
         # from_pretrained would then load it as a PEFT model.
         raise UserError(f"--out {out} already exists and is not empty; remove it or choose another path")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_ancestor(out)
     if not parent.is_dir():
         raise UserError(f"cannot write to {out}: {parent} is not a directory")
     try:
@@ -127,7 +125,7 @@ def check_out(out: Path) -> None:
 
 
 class MergeCheckFailed(Exception):
-    """The merged model's loss disagrees with the adapter's: nothing is written, exit 1."""
+    """The merged model's loss disagrees with its reference (the trial's, or the adapter's): nothing written, exit 1."""
 
 
 def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | None = None,
@@ -151,7 +149,7 @@ def export(sweep_dir: str, trial: str = "best", merge: bool = False, out: str | 
         print(f"best trial: {tid} (eval_loss {_float(rows[tid].get('eval_loss')):.6f})", flush=True)
     # Everything is written to a staging directory beside the target and moved into place only once it
     # passed: a refused merge leaves nothing behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_existing_ancestor(target)))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=_existing_ancestor(target.parent)))
     try:
         info = measure(cfg, tid, adapter, metrics, staging, merge_base or "trial" if merge else None,
                        dtype or "float32")

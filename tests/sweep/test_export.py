@@ -209,6 +209,14 @@ def test_bf16_storage_is_explicit_and_still_checked(sweep, exports):
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, fp32.model.layers[0].mlp.up_proj.weight.bfloat16())
 
 
+def test_an_existing_empty_out_directory_is_filled(sweep, tmp_path):
+    (tmp_path / "out").mkdir()
+    rc, stdout, stderr = run_main(sweep, "--trial", "r4-16bit", "--out", tmp_path / "out")
+    assert rc == 0, stderr[-2000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (tmp_path / "out" / "export.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging directory was beside it, and is gone
+
+
 def test_best_is_the_lowest_finished_trial_never_base(sweep):
     rc, stdout, stderr = run_main(sweep)
     assert rc == 0, stderr[-2000:]
