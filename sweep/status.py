@@ -68,10 +68,11 @@ def headline(progress: SweepProgress, state: str, now: float) -> str:
     }.get(state, state)
 
 
-def table(progress: SweepProgress) -> tuple[list[dict], str]:
-    """The table as the sweep would write it now (finished trials' measures, the others' statuses)."""
+def table(progress: SweepProgress, out: Path | None = None) -> tuple[list[dict], str]:
+    """The table as the sweep would write it now (finished trials' measures, the others' statuses); with the
+    sweep directory ``out``, paired comparisons from the per-example losses of the trials collected there."""
     from sweep.plan import PlannedTrial
-    from sweep.summary import build_rows, to_markdown
+    from sweep.summary import build_rows, load_heldout, to_markdown
     from trainers.config import TrialConfig, TrialResult
 
     planned, outcomes = [], {}
@@ -82,7 +83,7 @@ def table(progress: SweepProgress) -> tuple[list[dict], str]:
         except (KeyError, TypeError):  # written by another version of lora-sweep
             result = None
         outcomes[t.name] = sweepdir.TrialOutcome(t.status, result, t.error)
-    rows = build_rows(planned, outcomes, progress.metric)
+    rows = build_rows(planned, outcomes, progress.metric, load_heldout(out, outcomes) if out else None)
     return rows, to_markdown(rows, f"Sweep {progress.name}", progress.metric)
 
 
@@ -105,7 +106,7 @@ def status(out: Path) -> int:
     print(progress.sweep_line(now if state == "running" else progress.updated))
     for t in progress.trials:
         print("  " + trial_line(t, now, width))
-    rows, md = table(progress)
+    rows, md = table(progress, out)
     print("\n" + md, end="")
     if state == "running":
         return STILL_RUNNING

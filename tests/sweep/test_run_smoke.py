@@ -267,3 +267,5 @@ def test_status_of_the_finished_sweep(sweep):
     statuses = {ln.split()[0]: ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("  ")}
     assert statuses == {n: "TERMINATED" for n in ["base", *EXPECTED]}
     assert "finished" in proc.stdout.splitlines()[0] and "| r8-all_linear-4bit * |" in proc.stdout
+    # the same table as summary.md, error bars included (paired from the trials' heldout.json)
+    assert (sweep["dir"] / "summary.md").read_text() in proc.stdout
