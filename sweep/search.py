@@ -24,7 +24,7 @@ NOT_SEARCHABLE = {
     **dict.fromkeys(("model", "dataset", "train_samples", "test_fraction", "seed", "max_seq_length"),
                     "it changes the model or the held-out data, so eval losses would not compare"),
     **dict.fromkeys(("max_new_tokens", "heldout_prompts"), "it changes the evaluation, so trials would not compare"),
-    **dict.fromkeys(("device", "cpus_per_trial", "trust_remote_code"), "it is not a hyperparameter"),
+    **dict.fromkeys(("device", "cpus_per_trial", "trust_remote_code", "seeds"), "it is not a hyperparameter"),
     **dict.fromkeys(("eval_every", "checkpoint_every", "logging_steps"),
                     "it schedules the trial, it does not train it"),
 }
@@ -95,6 +95,9 @@ def resolve_search(space: Space, path, sets: dict) -> SearchSpec:
     constants = {n: (tuple(v) if n == "targets" and isinstance(v, list) else v)
                  for n, v in s.axes.items() if n not in searched}
     fixed = {**dataclasses.asdict(space.settings), **constants, **sets}
+    if fixed.get("seeds", 1) != 1:  # a repeat over training seeds is a grid's: a searcher would see one config N times
+        raise SpaceError(f"{path}: seeds={fixed['seeds']} repeats a grid's trials over training seeds; a search runs "
+                         "each sample once (list the configurations to repeat as Trials, without a Search)")
     _check_values(axes, fixed, path)
     seeds = [_seed_point(i, t, axes, fixed, path) for i, t in enumerate(space.trials)]
     if s.num_samples < len(seeds):

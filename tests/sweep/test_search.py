@@ -85,6 +85,7 @@ CLI = {
                                  "--set learning_rate: 'learning_rate' is a search axis"),
     "--num-samples below the seeds": (["--num-samples", "1"], "--num-samples must be at least 2"),
     "--extend with nothing to extend": (["--extend"], "--extend: no sweep to extend in"),
+    "--set seeds on a search": (["--set", "seeds=3"], "seeds=3 repeats a grid's trials over training seeds"),
 }
 
 
