@@ -174,12 +174,31 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
         shown = _shown(name) if name_problem(name) else name  # a bad name could break the one line
         for fname, msg in cfg.problems():
             raise SpaceError(f"{path}: trial {i} ({shown}): field '{fname}' {msg}")
-        if cfg.seeds == 1:
-            configs.append(cfg)
-            continue
-        configs += [replace(cfg, name=f"{name}-seed{cfg.seed + k}", replicate=k, config_name=name)
-                    for k in range(cfg.seeds)]
+        configs += seed_repeats(cfg, i, path)
+    _check_repeat_names(configs, path)
     return configs
+
+
+def seed_repeats(cfg: TrialConfig, i: int, path) -> list[TrialConfig]:
+    """``cfg`` itself, or with ``seeds=N`` > 1 its N repeats ``<name>-seed<S>``, one per training seed."""
+    if cfg.seeds == 1:
+        return [cfg]
+    repeats = [replace(cfg, name=f"{cfg.name}-seed{cfg.seed + k}", replicate=k, config_name=cfg.name)
+               for k in range(cfg.seeds)]
+    for fname, msg in repeats[-1].problems():  # the longest name, the highest training seed
+        raise SpaceError(f"{path}: trial {i} ({_shown(repeats[-1].name)}, a seed repeat): field '{fname}' {msg}")
+    return repeats
+
+
+def _check_repeat_names(configs: list[TrialConfig], path) -> None:
+    """A seed repeat's name (``<name>-seed<S>``) must not be another trial's name, ignoring case."""
+    taken: dict[str, TrialConfig] = {}
+    for cfg in configs:
+        other = taken.setdefault(cfg.name.lower(), cfg)
+        if other is not cfg:
+            first, second = sorted((other, cfg), key=lambda c: c.replicate == 0 and not c.config_name)
+            raise SpaceError(f"{path}: trial {second.index} ({second.name}): field 'name' is already used by trial "
+                             f"{first.index}'s seed repeat {first.name}; trial names must differ (ignoring case)")
 
 
 def trial_names(trials: Sequence[Trial], values: list[dict], path) -> list:

@@ -274,9 +274,21 @@ def load_heldout(out: Path, outcomes: dict[str, TrialOutcome]) -> dict[str, dict
     found = {}
     for name, o in outcomes.items():
         path = out / sweepdir.TRIALS_DIR / name / HELDOUT_FILE
-        if o.status == sweepdir.TERMINATED and path.is_file():
-            found[name] = json.loads(path.read_text())
+        if o.status == sweepdir.TERMINATED and path.is_file() and (losses := _read_heldout(path)) is not None:
+            found[name] = losses
     return found
+
+
+def _read_heldout(path: Path) -> dict | None:
+    """heldout.json, or None when it is damaged: the trial is then compared unpaired, from its metrics."""
+    try:
+        losses = json.loads(path.read_text())
+        ok = all(isinstance(losses[k], list) and len(losses[k]) == len(losses["row_ids"])
+                 for k in ("row_ids", "sums", "counts"))
+        ok = ok and all(isinstance(x, (int, float)) for x in losses["sums"] + losses["counts"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return losses if ok else None
 
 
 def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], *, title: str,

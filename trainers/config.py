@@ -192,6 +192,9 @@ class TrialConfig(Settings):
             check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "must be an integer >= 0")
         check("seed", _is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "must be an integer in [0, 2**32)")
         check("seeds", _is_int(self.seeds) and 1 <= self.seeds <= 100, "must be an integer from 1 to 100")
+        if not out and self.seeds > 1:  # the repeats train with seed, seed + 1, ..., seed + seeds - 1
+            check("seed", self.seed + self.seeds - 1 < SEED_LIMIT,
+                  f"must leave room below 2**32 for seeds={self.seeds} training seeds (seed, seed + 1, ...)")
         for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
         # last: an automatic name is only bad because a field above is

@@ -68,11 +68,10 @@ def _bundled_dir(name: str) -> Path:
 def bundled_checkpoint(model_id: str) -> Path:
     """``bundled:<name>`` -> its directory, which must hold weights (not only a config, as random: needs)."""
     name = model_id.removeprefix("bundled:")
-    path = ASSETS / name
-    if not (path / "model.safetensors").is_file():
-        shipped = [n for n in bundled_names() if (ASSETS / n / "model.safetensors").is_file()]
+    shipped = [n for n in bundled_names() if (ASSETS / n / "model.safetensors").is_file()]
+    if name not in shipped:  # a name, never a path: "bundled:../x" must not reach outside the assets
         raise ModelError(f"unknown bundled checkpoint '{model_id}' (bundled with weights: {', '.join(shipped)})")
-    return path
+    return ASSETS / name
 
 
 def load_config(model_id: str, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -111,6 +111,12 @@ CASES = {
                        "field 'seed' must be an integer in [0, 2**32)"),
     "max_seq_length beyond the model": (lambda t: space(t) + ["--set", "max_seq_length=1024"],
                                         "field 'max_seq_length': 1024 exceeds the model's 512 positions"),
+    "seeds zero": (lambda t: space(t) + ["--set", "seeds=0"], "field 'seeds' must be an integer from 1 to 100"),
+    "seed repeats beyond 2**32": (lambda t: space(t) + ["--set", "seed=4294967294", "--set", "seeds=3"],
+                                  "field 'seed' must leave room below 2**32 for seeds=3 training seeds"),
+    "max_seq_length beyond the demo base": (lambda t: space(t) + ["--set", "model=bundled:desc-llama", "--set",
+                                                                  "max_seq_length=1024"],
+                                            "field 'max_seq_length': 1024 exceeds the model's 512 positions"),
     "dropout NaN": (lambda t: space(t, settings="lora_dropout=float('nan')"), "field 'lora_dropout' must be in [0, 1)"),
     # names: directories, Ray trials and MLflow runs
     "trial named base": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, name="base")'),
@@ -130,6 +136,14 @@ CASES = {
     "two trials one name": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, name="A"), '
                                                       'Trial(r=4, targets="attention", bits=4, name="a")'),
                             "trial 1 ('a'): field 'name' is already used by trial 0"),
+    "seed repeat takes a trial's name": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, seeds=2, '
+                                                               'name="a"), Trial(r=4, targets="attention", bits=4, '
+                                                               'name="A-seed43")'),
+                                         "trial 1 (A-seed43): field 'name' is already used by trial 0's seed repeat "
+                                         "a-seed43"),
+    "seed repeat name too long": (lambda t: space(t, trials='Trial(r=8, targets="attention", bits=4, seeds=2, '
+                                                            'name="x" * 95)'),
+                                  "a seed repeat): field 'name' must be at most 100 characters (has 102)"),
     "space name escapes": (lambda t: space_file(t, "space = Space(name='../../x', settings=S, trials=[Trial(r=8, "
                                                    "targets='attention', bits=4)])\n"), "Space.name '../../x' must"),
     "space name empty": (lambda t: space_file(t, "space = Space(name='', settings=S, trials=[Trial(r=8, "
@@ -171,6 +185,12 @@ CASES = {
     "model shard missing": (lambda t: model_dir(t, "model.safetensors.index.json"),
                             "weight file model-00001-of-00002.safetensors named in model.safetensors.index.json is "
                             "missing"),
+    "bundled model unknown": (lambda t: space(t) + ["--set", "model=bundled:nope"],
+                              "unknown bundled checkpoint 'bundled:nope' (bundled with weights: desc-llama)"),
+    "bundled model without weights": (lambda t: space(t) + ["--set", "model=bundled:tiny-llama"],
+                                      "unknown bundled checkpoint 'bundled:tiny-llama'"),
+    "bundled model as a path": (lambda t: space(t) + ["--set", "model=bundled:../models/desc-llama"],
+                                "unknown bundled checkpoint 'bundled:../models/desc-llama'"),
     "model without tokenizer": (lambda t: model_dir(t, "model.safetensors"), "no usable tokenizer"),
     # the command line's own values
     "set unknown key": (lambda t: space(t) + ["--set", "rank=4"], "--set rank: unknown key"),

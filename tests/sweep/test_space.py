@@ -114,6 +114,21 @@ def test_seeds_repeat_a_trial_with_training_seeds_on_one_data_split(tmp_path):
         parse_sets(["replicate=1"])
 
 
+def test_seed_repeats_keep_names_unique_and_automatic_names_step_around(tmp_path):
+    """Two identical automatic trials with seeds=2: the second configuration is ``-1``, its repeats follow."""
+    path = write_space(tmp_path / "s.py", trials='Trial(r=8, targets="attention", bits=4), '
+                                                 'Trial(r=8, targets="attention", bits=4)')
+    names = [c.name for c in expand(load_space(path), path, parse_sets(["seeds=2"]))]
+    assert names == ["r8-attention-4bit-seed42", "r8-attention-4bit-seed43", "r8-attention-4bit-1-seed42",
+                     "r8-attention-4bit-1-seed43"]
+    clash = write_space(tmp_path / "c.py", trials='Trial(r=8, targets="attention", bits=4, '
+                                                  'name="R8-attention-4bit-seed43"), '
+                                                  'Trial(r=8, targets="attention", bits=4, seeds=2)')
+    with pytest.raises(SpaceError, match="trial 0 \\(R8-attention-4bit-seed43\\): field 'name' is already used by "
+                                         "trial 1's seed repeat r8-attention-4bit-seed43"):
+        expand(load_space(clash), clash)
+
+
 def test_set_overrides_are_typed():
     assert parse_sets(["epochs=1", "learning_rate=1e-3", "model=random:x", "gradient_checkpointing=true",
                        "targets=q_proj,v_proj"]) == {

@@ -1,6 +1,7 @@
 """The summary table: quality rule, best marker, csv columns."""
 
 import csv
+import json
 
 import pytest
 
@@ -146,3 +147,19 @@ def test_labels_never_rank_a_noisier_configuration_above_a_better_one():
         "c": TrialOutcome(TERMINATED, make_result(eval_loss=2.15, eval_loss_se=0.2)),  # worse still, but noisy
     })
     assert [r["quality"] for r in rows] == ["high", "medium", "medium"]  # c alone would be "high" (within noise)
+
+
+@pytest.mark.parametrize("content", ['{"row_ids": [0, 1], "sums": [1.0', '[]', '{"row_ids": [0, 1], "sums": [1.0], '
+                                     '"counts": [1, 1]}', '{"row_ids": [0], "sums": ["x"], "counts": [1]}', "\udcff"])
+def test_a_damaged_heldout_json_falls_back_to_unpaired_errors(tmp_path, content):
+    from sweep.summary import load_heldout
+
+    good = {"row_ids": [0, 1], "sums": [2.0, 4.0], "counts": [1, 2]}
+    for name, text in (("a", json.dumps(good)), ("b", content)):
+        (tmp_path / "trials" / name).mkdir(parents=True)
+        (tmp_path / "trials" / name / "heldout.json").write_text(text, errors="surrogateescape")
+    outcomes = {"a": done(2.0), "b": done(2.1)}
+    assert load_heldout(tmp_path, outcomes) == {"a": good}
+    rows = build_rows([planned("a"), planned("b")], outcomes, heldout=load_heldout(tmp_path, outcomes))
+    assert rows[0]["config_eval_loss_se"] == pytest.approx(ratio_se(good["sums"], good["counts"]))
+    assert rows[1]["config_eval_loss_se"] == pytest.approx(0.01)  # unpaired: the trial's own SE (metrics.json)
