@@ -96,7 +96,8 @@ def test_seeds_repeat_a_trial_with_training_seeds_on_one_data_split(tmp_path):
     from sweep.space import baseline_of
 
     path = write_space(tmp_path / "s.py", settings="seed=7",
-                       trials='Trial(r=8, targets="attention", bits=4, seeds=3), Trial(r=16, targets="attention", bits=4)')
+                       trials='Trial(r=8, targets="attention", bits=4, seeds=3), '
+                              'Trial(r=16, targets="attention", bits=4)')
     runs = expand(load_space(path), path)
     assert [c.name for c in runs] == ["r8-attention-4bit-seed7", "r8-attention-4bit-seed8", "r8-attention-4bit-seed9",
                                       "r16-attention-4bit"]
