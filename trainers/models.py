@@ -188,10 +188,16 @@ def materialize_random(name: str, seed: int) -> Path:
         if (final / "config.json").is_file():  # another trial wrote it while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        # Ray gives a trial one CPU thread (OMP_NUM_THREADS=1); a random 3B base initialized by one thread took
+        # ~2 minutes of every packed trial's setup on an H200 host (the others wait on the lock meanwhile), so
+        # the build borrows every core for the seconds it lasts.
+        threads = torch.get_num_threads()
         try:
             torch.manual_seed(seed)
+            torch.set_num_threads(os.cpu_count() or threads)
             with torch.device(_build_device()):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+            torch.set_num_threads(threads)
             model.save_pretrained(tmp)
             del model
             if torch.cuda.is_available():
@@ -201,6 +207,7 @@ def materialize_random(name: str, seed: int) -> Path:
                 shutil.copy(f, tmp / f.name)
             os.replace(tmp, final)
         finally:
+            torch.set_num_threads(threads)
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
