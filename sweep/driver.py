@@ -190,6 +190,11 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
 
     from sweep import extend
 
+    if opts.address is None:  # trials on this machine: its random bases built once, before they start
+        from trainers.models import prebuild_random
+
+        prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
+                         if p.cfg.model.startswith("random:")})
     cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
     try:
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up

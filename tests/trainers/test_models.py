@@ -55,3 +55,26 @@ def test_random_model_is_materialized_once_and_seeded(model_cache):
     wa = AutoModelForCausalLM.from_pretrained(a).model.layers[0].self_attn.q_proj.weight
     wb = AutoModelForCausalLM.from_pretrained(b).model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(wa, wb) and wa.std() > 0
+
+
+def test_prebuild_writes_the_random_base_a_trial_then_reads(model_cache):
+    """The driver's prebuild (a child process, all cores) writes the same checkpoint a trial would build."""
+    from trainers.models import prebuild_random
+
+    torch.set_num_threads(1)  # as Ray leaves a trial
+    prebuild_random({("tiny-llama", 11)})
+    built = model_cache / "random" / "tiny-llama-seed11"
+    assert (built / "config.json").is_file() and (built / "tokenizer.json").is_file()
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert materialize_random("tiny-llama", seed=11) == built
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp  # the trial reused it
+    assert torch.get_num_threads() == 1
+    same = model_cache / "same"
+    torch.manual_seed(11)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainers.models import ASSETS
+    ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS / "tiny-llama"), dtype=torch.bfloat16)
+    ref.save_pretrained(same)
+    got = AutoModelForCausalLM.from_pretrained(built).model.layers[0].mlp.up_proj.weight
+    assert torch.equal(got, AutoModelForCausalLM.from_pretrained(same).model.layers[0].mlp.up_proj.weight)
