@@ -6,8 +6,10 @@ import contextlib
 import importlib.util
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from sweep.cli import UserError
@@ -58,6 +60,11 @@ def start_ray(address: str | None, dashboard_host: str, node_ip: str = LOOPBACK,
         raise UserError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}") from None
     finally:
         sys.argv = argv
+    if threading.current_thread() is threading.main_thread():
+        # Ray's core worker answers SIGTERM (timeout, kill, a scheduler preempting the job) with a C++ stack
+        # dump on the console and an abrupt exit; take it as Ctrl-C instead: Tune stops the trials, the table
+        # is written and the runs closed, and the same command resumes.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     url = getattr(ctx, "dashboard_url", None)
     if url:
         token = Path.home() / ".ray" / "auth_token"

@@ -214,19 +214,25 @@ def test_fresh_moves_the_old_sweep_aside(tmp_path, model_cache):
     assert json.loads((out / "sweep.json").read_text())["space_fingerprint"] != "x"
 
 
-def test_ctrl_c_then_resume(tmp_path, model_cache):
-    """Ctrl-C (SIGINT to the foreground process group) mid-training: the driver writes the table with
-    the trial INTERRUPTED, closes its MLflow run as KILLED, says how to resume, and exits 1."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_then_resume(how, tmp_path, model_cache):
+    """Ctrl-C (SIGINT to the foreground process group), or SIGTERM to the driver alone (``timeout``, ``kill``,
+    a scheduler), mid-training: the driver writes the table with the trial INTERRUPTED, closes its MLflow
+    run as KILLED, says how to resume, and exits 1; no stack dump reaches the console."""
     write_space(tmp_path)
     proc = start(tmp_path, faults={"a": {"mode": "slow", "sleep": 0.4}})
     start_t = time.monotonic()
     while not mid_training(tmp_path, "a"):
         assert proc.poll() is None and time.monotonic() - start_t < 240
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 1
     log = next(tmp_path.glob("run-*.log")).read_text()
     assert "sweep interrupted: run the same command again to resume it" in log
+    assert "SIGTERM received" not in log and "Traceback" not in log, log[-3000:]
     assert read_csv(tmp_path / "out" / "summary.csv")["a"]["status"] == "INTERRUPTED"
     from mlflow import MlflowClient
 
