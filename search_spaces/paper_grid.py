@@ -8,6 +8,12 @@ Offline GPU hosts: --set model=random:open_llama_3b_v2 (same architecture, seede
 
 from sweep import Settings, Space, Trial
 
+# The two products the post judged every configuration by.
+POST_PROMPTS = [
+    {"product": "Corelogic Smooth Mouse", "category": "Optical Mouse"},
+    {"product": "Hoover Lightspeed", "category": "Cordless Vacuum Cleaner"},
+]
+
 space = Space(
     name="paper-grid",
     settings=Settings(
@@ -25,6 +31,9 @@ space = Space(
         grad_accum=4,  # 16 examples per optimizer step; the fast trainer path runs them as one padding-free batch
         gradient_checkpointing=False,  # the fast path holds 16 x <=256 tokens of a 3B base without it (see README)
         max_new_tokens=128,  # the post's generation length
+        data_format="post",  # product, category, description in the post's instruction and Alpaca template
+        loss_on="all",  # the post trained on the whole text, prompt included
+        eval_prompts=POST_PROMPTS,
     ),
     # Not a cross product: the post's four trials exactly, in its table's order.
     trials=[

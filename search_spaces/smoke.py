@@ -11,6 +11,12 @@ this sweep trains and evaluates on (``trainers/assets/pretrain.py``). Sized for 
 
 from sweep import Settings, Space, Trial
 
+# The two products the post judged every configuration by.
+POST_PROMPTS = [
+    {"product": "Corelogic Smooth Mouse", "category": "Optical Mouse"},
+    {"product": "Hoover Lightspeed", "category": "Cordless Vacuum Cleaner"},
+]
+
 space = Space(
     name="smoke",
     settings=Settings(
@@ -29,6 +35,9 @@ space = Space(
         logging_steps=4,
         max_new_tokens=32,  # short generations keep the CPU demo quick; the post used 128
         heldout_prompts=6,  # ROUGE-L over 6 held-out rows (its standard error says how rough that is)
+        data_format="post",  # product, category, description in the post's instruction and Alpaca template
+        loss_on="all",  # the post trained on the whole text, prompt included
+        eval_prompts=POST_PROMPTS,
     ),
     trials=[
         Trial(r=8, targets="attention", bits=4),

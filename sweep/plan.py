@@ -134,6 +134,15 @@ def _absolute(value: str) -> str:
     return str(Path(value).resolve()) if Path(value).exists() else value
 
 
+def data_key(cfg: TrialConfig) -> str:
+    """What the data checks depend on: trials that agree on it are checked once."""
+    import json
+
+    fields = ("dataset", "dataset_split", "dataset_subset", "data_format", "columns", "template", "chat_template",
+              "loss_on", "model", "trust_remote_code")
+    return json.dumps({f: getattr(cfg, f) for f in fields}, sort_keys=True)
+
+
 def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
          describe: Callable[[TrialConfig], str] = _describe, also_bits: tuple[int, ...] = ()) -> list[PlannedTrial]:
     """Resolve and count every trial. ``for_training`` also checks that the data and weights can be
@@ -144,7 +153,9 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
 
     from trainers.data import DataError, check_available
     from trainers.data_checks import check_split
-    from trainers.models import ModelError, check_weights_available, load_config, lora_config, meta_model, resolve_targets
+    from trainers.formats import chat_template_problem
+    from trainers.models import (ModelError, check_weights_available, load_config, local_tokenizer, lora_config,
+                                 meta_model, resolve_targets)
 
     def fail(cfg: TrialConfig, field: str, e: Exception):
         raise SpaceError(f"{space_path}: {describe(cfg)}: field '{field}': {e}") from None
@@ -153,10 +164,14 @@ def plan(configs: list[TrialConfig], space_path, *, for_training: bool = True,
     for cfg in configs:
         cfg = replace(cfg, model=_absolute(cfg.model), dataset=_absolute(cfg.dataset))
         if for_training:
+            data = data_key(cfg)
             try:
-                if cfg.dataset not in dataset_rows:
-                    dataset_rows[cfg.dataset] = check_available(cfg.dataset)
-                check_split(cfg.dataset, dataset_rows[cfg.dataset], cfg.train_samples, cfg.test_fraction)
+                if data not in dataset_rows:
+                    dataset_rows[data] = check_available(cfg)
+                    if cfg.conversational and (tokenizer := local_tokenizer(cfg)) is not None and \
+                            (problem := chat_template_problem(cfg, tokenizer)):
+                        fail(cfg, problem[0], problem[1])
+                check_split(cfg.dataset, dataset_rows[data], cfg.train_samples, cfg.test_fraction)
             except DataError as e:
                 fail(cfg, "dataset", e)
         key = (cfg.model, cfg.trust_remote_code)

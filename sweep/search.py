@@ -27,6 +27,13 @@ NOT_SEARCHABLE = {
     **dict.fromkeys(("device", "cpus_per_trial", "trust_remote_code", "seeds"), "it is not a hyperparameter"),
     **dict.fromkeys(("eval_every", "checkpoint_every", "logging_steps"),
                     "it schedules the trial, it does not train it"),
+    **dict.fromkeys(("data_format", "columns", "template", "chat_template", "end_marker", "eval_prompts",
+                     "dataset_split", "dataset_subset"),
+                    "it changes the data or the evaluation, so eval losses would not compare"),
+    # The searcher and the early-stopping rungs rank trials by eval_loss as they go, and eval_loss is taken on
+    # the tokens loss_on names: a loss_on axis belongs to an explicit grid, whose table compares on response_loss.
+    "loss_on": "trials taking their loss on different tokens have eval losses that do not compare; cross it in "
+               "a grid(..., loss_on=[...]) instead, whose table compares them on the response loss",
 }
 SEARCHABLE = [f for f in SETTABLE if f not in NOT_SEARCHABLE]
 REQUIRED = ("r", "targets", "bits")

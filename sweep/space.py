@@ -54,14 +54,25 @@ class Trial:
         self.r, self.bits, self.name = r, bits, name
         self.targets = tuple(targets) if isinstance(targets, (list, tuple)) else targets
         self.overrides = overrides
+        self.suffix = ""  # grid's extra axes, named in the trial's default name
 
     def __repr__(self) -> str:
         return f"Trial(r={self.r!r}, targets={self.targets!r}, bits={self.bits!r})"
 
 
 def grid(*, r: Sequence[int], targets: Sequence[Targets], bits: Sequence[int], **overrides) -> list[Trial]:
-    """The full cross product r x targets x bits, in that nesting order."""
-    return [Trial(r=a, targets=t, bits=b, **overrides) for a, t, b in itertools.product(r, targets, bits)]
+    """The full cross product r x targets x bits, in that nesting order, then crossed with any other setting
+    given as a list of values (``loss_on=["all", "completion"]``); settings that are lists or dicts
+    themselves (``eval_prompts``, ``columns``) are values, not axes."""
+    axes = {k: v for k, v in overrides.items() if isinstance(v, (list, tuple)) and k in SETTING_FIELDS
+            and SETTING_FIELDS[k].type not in ("tuple", "dict")}
+    fixed = {k: v for k, v in overrides.items() if k not in axes}
+    trials = []
+    for a, t, b, *values in itertools.product(r, targets, bits, *axes.values()):
+        trial = Trial(r=a, targets=t, bits=b, **fixed, **dict(zip(axes, values)))
+        trial.suffix = "".join(f"-{k}-{v}" for k, v in zip(axes, values))
+        trials.append(trial)
+    return trials
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,11 @@ def _coerce(key: str, raw: str):
     hint = typing.get_type_hints(TrialConfig)[key]
     if key == "targets":
         return raw if "," not in raw else tuple(s.strip() for s in raw.split(",") if s.strip())
+    if key == "columns":  # --set columns=instruction:question,output:answer
+        pairs = [p.partition(":") for p in raw.split(",") if p.strip()]
+        if not all(sep and k.strip() and v.strip() for k, sep, v in pairs):
+            raise SpaceError(f"--set columns={raw}: expected field:column pairs, e.g. columns=output:answer")
+        return {k.strip(): v.strip() for k, _, v in pairs}
     try:
         if hint is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -157,6 +173,8 @@ def _coerce(key: str, raw: str):
             return int(raw)
         if hint is float:
             return float(raw)
+        if hint is tuple:
+            raise SpaceError(f"--set {key}: takes a list; set it in the space file")
     except ValueError:
         raise SpaceError(f"--set {key}={raw}: expected {hint.__name__}") from None
     return raw
@@ -168,6 +186,9 @@ def expand(space: Space, path: str | Path, sets: dict | None = None) -> list[Tri
     base = dataclasses.asdict(space.settings)
     values = [{**base, **t.overrides, "r": t.r, "targets": t.targets, "bits": t.bits, **(sets or {})}
               for t in space.trials]
+    for v in values:
+        if isinstance(v["eval_prompts"], list):
+            v["eval_prompts"] = tuple(v["eval_prompts"])
     configs = []
     for i, (v, name) in enumerate(zip(values, trial_names(space.trials, values, path))):
         cfg = TrialConfig.build(name=name, index=i, **v)
@@ -202,9 +223,10 @@ def _check_repeat_names(configs: list[TrialConfig], path) -> None:
 
 
 def trial_names(trials: Sequence[Trial], values: list[dict], path) -> list:
-    """Each trial's name: its own, else ``r8-attention-4bit``. Names are directories, Ray trials and MLflow
-    runs, so they must differ even on a case-insensitive file system: two explicit names that clash are an
-    error; an automatic name that clashes gets ``-<index>`` (and a counter, should that be taken too)."""
+    """Each trial's name: its own, else ``r8-attention-4bit`` (with grid's extra axes: ``-loss_on-all``).
+    Names are directories, Ray trials and MLflow runs, so they must differ even on a case-insensitive file
+    system: two explicit names that clash are an error; an automatic name that clashes gets ``-<index>`` (and a
+    counter, should that be taken too)."""
     taken: dict[str, int] = {}
     for i, t in enumerate(trials):
         if isinstance(t.name, str):
@@ -217,7 +239,7 @@ def trial_names(trials: Sequence[Trial], values: list[dict], path) -> list:
         if t.name is not None:
             names.append(t.name)
             continue
-        name = candidate = trial_name(v)
+        name = candidate = trial_name(v) + t.suffix
         k = 1
         while candidate.lower() in taken:
             candidate, k = f"{name}-{i}" + (f"-{k}" if k > 1 else ""), k + 1

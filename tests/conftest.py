@@ -20,6 +20,24 @@ def model_cache(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_cfg(**overrides):
+    """A TrialConfig on the tiny model and the bundled data, CPU; tests override what they exercise."""
+    from trainers.config import TrialConfig
+
+    values = dict(name="t", index=0, model="random:tiny-llama", dataset="bundled:products-400", device="cpu", r=8,
+                  targets="attention", bits=16, target_modules=("q_proj", "v_proj"), learning_rate=3e-3, epochs=1,
+                  batch_size=4, grad_accum=2, train_samples=100, logging_steps=1, lora_dropout=0.0,
+                  max_new_tokens=4, heldout_prompts=0)
+    return TrialConfig(**{**values, **overrides})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_cli(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -62,8 +80,9 @@ def make_result(**values):
     from trainers.config import TrialResult
 
     defaults = dict(trainable_params=100, total_params=1000, trainable_pct=10.0, eval_loss=2.0, eval_loss_se=0.01,
-                    perplexity=7.39, rouge_l=0.2, rouge_l_se=0.05, repeat_ngram_rate=0.1, end_marker_rate=0.5,
-                    gen_mean_words=40.0, setup_seconds=1.0,
+                    response_loss=2.5, perplexity=7.39, truncated_rows=0, truncated_pct=0.0, response_tokens_lost=0,
+                    response_lost_pct=0.0, dropped_rows=0, rouge_l=0.2, rouge_l_se=0.05, repeat_ngram_rate=0.1,
+                    end_marker_rate=0.5, gen_mean_words=40.0, setup_seconds=1.0,
                     train_seconds=1.0, eval_seconds=0.1, generate_seconds=0.1, train_tokens=100,
                     train_tokens_per_second=100.0, peak_gpu_mem_gb=0.0, train_loss_first=3.0, train_loss_last=2.0,
                     train_steps=10, train_examples=90, test_examples=10, bnb_layers=0, dataset_fingerprint="0" * 16,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union
 
@@ -44,6 +45,29 @@ def is_quantized(bits: int) -> bool:
 CUDA_OVERHEAD_GB = 1.5
 """GPU memory a trial process uses beyond PyTorch's allocations (CUDA context, cuBLAS workspace): the
 driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
+
+
+# ---- data formats (README "Your own data"; rendering in trainers/formats.py) ------------------------------------
+
+# Each format's fields: the dataset columns it reads (renamed by Settings.columns); the last one of the
+# prompt/response formats is the response, the text the model learns to write.
+FORMAT_FIELDS = {"post": ("product", "category", "description"), "alpaca": ("instruction", "input", "output"),
+                 "prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+OPTIONAL_FIELDS = ("input",)  # alpaca's input: a missing, null or empty one means "no input"
+CHAT = "chat"  # Settings.template: render through the tokenizer's chat template
+POST_END_MARKER = "### End"
+LOSS_ON = {"post": ("all", "completion"), "alpaca": ("all", "completion"), "prompt_completion": ("all", "completion"),
+           "messages": ("all", "assistant"), "text": ("all",)}
+
+
+def template_fields(template: str) -> tuple[str, ...] | None:
+    """The named fields of a format string, in order; None when it is not one (positional ``{}``, ``{a.b}``,
+    unbalanced braces)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
+    return tuple(dict.fromkeys(names)) if all(n.isidentifier() for n in names) else None
 
 
 def compute_dtype_name(device: str) -> str:
@@ -105,6 +129,64 @@ class Settings:
     fast_kbit: bool = True
     """Fast path with a 4/8-bit base: keep a 16-bit copy of the frozen weights (+2 bytes a parameter) so
     no step dequantizes them again, and run LLM.int8 without its host syncs (``trainers/kbit.py``)."""
+    data_format: Literal["post", "alpaca", "prompt_completion", "messages", "text"] = "post"
+    """How a row becomes a training example: ``post`` (product, category, description, in the post's
+    instruction and template), ``alpaca`` (instruction, input, output), ``prompt_completion``, ``messages``
+    (a conversation, rendered with the chat template) or ``text`` (trained on as it is)."""
+    columns: dict = field(default_factory=dict)
+    """The format's fields that your dataset names differently: ``{"output": "answer"}``."""
+    template: str = ""
+    """The prompt. "": the format's own (the post's template for ``post``, Stanford Alpaca's for ``alpaca``,
+    the prompt itself for ``prompt_completion``); ``"chat"``: one user turn of the tokenizer's chat template,
+    the response as the assistant's; otherwise a format string over the row's columns (``"Q: {question}\\nA: "``).
+    The response follows the prompt directly."""
+    chat_template: str = ""
+    """A Jinja chat template to use instead of the tokenizer's own (many base models have none)."""
+    end_marker: str | None = None
+    """Text the response ends with, on a line of its own, before EOS: generation stops there and
+    ``end_marker_rate`` counts it. None: the format's (``### End`` for ``post``, none otherwise: the
+    response ends with EOS, or the chat template's end of turn, and that is what is counted)."""
+    loss_on: Literal["all", "completion", "assistant"] = "all"
+    """Which tokens the loss is taken on: ``all`` (the post), ``completion`` (the response only, TRL's
+    completion_only_loss) or ``assistant`` (assistant turns only, TRL's assistant_only_loss)."""
+    eval_prompts: tuple = ()
+    """Prompts generated for after training, besides ``heldout_prompts`` test rows: each a dict of the
+    prompt's fields (``{"product": ..., "category": ...}``), a string for a one-field prompt, or for
+    ``messages`` a conversation ending in a user turn."""
+    dataset_split: str = "train"
+    """Which split of the dataset to sample from (a Hub split, or a slice such as ``train[:2000]``)."""
+    dataset_subset: str = ""
+    """The Hub dataset's configuration (subset), where it has several."""
+
+    @property
+    def response_field(self) -> str | None:
+        """The field the model learns to write; None for ``messages`` (assistant turns) and ``text``."""
+        fields_ = FORMAT_FIELDS.get(self.data_format, ())
+        return fields_[-1] if len(fields_) > 1 else None
+
+    @property
+    def prompt_fields(self) -> tuple[str, ...]:
+        """What a prompt is made of: a custom template's fields, else the format's fields before the response."""
+        if self.template and self.template != CHAT and self.response_field:
+            return template_fields(self.template) or ()
+        fields_ = FORMAT_FIELDS.get(self.data_format, ())
+        return fields_[:-1] if self.response_field else fields_
+
+    @property
+    def conversational(self) -> bool:
+        """Rendered with the chat template (a ``messages`` dataset, or ``template="chat"``)."""
+        return self.data_format == "messages" or self.template == CHAT
+
+    @property
+    def marker(self) -> str:
+        """The end marker in force ("" for none)."""
+        if self.end_marker is None:
+            return POST_END_MARKER if self.data_format == "post" else ""
+        return self.end_marker
+
+    def column(self, name: str) -> str:
+        """The dataset column holding the format's field ``name``."""
+        return self.columns.get(name, name) if isinstance(self.columns, dict) else name
 
 
 def _is_int(v) -> bool:
@@ -197,6 +279,13 @@ class TrialConfig(Settings):
                   f"must leave room below 2**32 for seeds={self.seeds} training seeds (seed, seed + 1, ...)")
         for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
+        check("data_format", self.data_format in FORMAT_FIELDS, f"must be one of {', '.join(FORMAT_FIELDS)}")
+        if self.data_format in FORMAT_FIELDS:
+            self._data_problems(check)
+        for name in ("chat_template", "dataset_subset"):
+            check(name, isinstance(getattr(self, name), str), "must be a string")
+        check("dataset_split", isinstance(self.dataset_split, str) and self.dataset_split.strip() != "",
+              "must be a split name such as 'train'")
         # last: an automatic name is only bad because a field above is
         problem = name_problem(self.name)
         check("name", problem is None, problem or "")
@@ -216,6 +305,50 @@ class TrialConfig(Settings):
     @property
     def use_rslora(self) -> bool:
         return self.alpha_rule == "rslora"
+
+    def _data_problems(self, check) -> None:
+        """The data settings against the chosen format (``check`` as in ``problems``)."""
+        fmt, own, template = self.data_format, FORMAT_FIELDS[self.data_format], self.template
+        check("columns", isinstance(self.columns, dict) and all(k in own and isinstance(v, str) and v
+                                                                for k, v in self.columns.items()),
+              f"must map the {fmt} format's fields ({', '.join(own)}) to column names")
+        choices = ("all", "completion") if template == CHAT and fmt != "messages" else LOSS_ON[fmt]
+        check("loss_on", self.loss_on in choices, f"must be one of {', '.join(choices)} for the {fmt} format")
+        if not isinstance(template, str) or not template or (template == CHAT and fmt != "text"):
+            check("template", isinstance(template, str), "must be a string")
+        elif not self.response_field:
+            allowed = f"'' or '{CHAT}'" if fmt == "messages" else "''"
+            check("template", False, f"must be {allowed} for the {fmt} format: it has no prompt to template")
+        else:
+            names = template_fields(template)
+            check("template", names is not None, "must be a format string with named fields such as "
+                                                 "{question} (write {{ and }} for literal braces)")
+            check("template", names is None or self.response_field not in names,
+                  f"must not contain the response field {{{self.response_field}}}: the response follows the prompt")
+        check("end_marker", self.end_marker is None or isinstance(self.end_marker, str), "must be a string or None")
+        check("end_marker", not (isinstance(self.end_marker, str) and self.end_marker and not self.response_field),
+              f"does not apply to the {fmt} format: it ends where its text or turn ends")
+        check("eval_prompts", isinstance(self.eval_prompts, (tuple, list))
+              and all(self._prompt_ok(p) for p in self.eval_prompts), self._prompt_shape())
+
+    def _prompt_shape(self) -> str:
+        if self.data_format == "messages":
+            return "must be a list of prompts, each a string or a list of {role, content} messages ending with a user turn"
+        needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
+        one = f" or a string (the {needed[0]})" if len(needed) == 1 else ""
+        return f"must be a list of prompts, each a dict of {', '.join(self.prompt_fields)} as text{one}"
+
+    def _prompt_ok(self, p) -> bool:
+        if isinstance(p, str):
+            needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
+            return p != "" and (self.data_format == "messages" or len(needed) == 1)
+        if self.data_format == "messages":
+            return (isinstance(p, (list, tuple)) and len(p) > 0 and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in p) and p[-1]["role"] == "user")
+        needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
+        return (isinstance(p, dict) and set(needed) <= set(p) <= set(self.prompt_fields)
+                and all(isinstance(v, str) for v in p.values()))
 
     @property
     def train_seed(self) -> int:
@@ -242,7 +375,7 @@ class TrialConfig(Settings):
     @classmethod
     def from_dict(cls, d: dict) -> "TrialConfig":
         d = dict(d)
-        for key in ("targets", "target_modules"):
+        for key in ("targets", "target_modules", "eval_prompts"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -386,8 +519,12 @@ class TrialResult:
     total_params: int = _tracked("metric")
     trainable_pct: float = _tracked("metric")
     eval_loss: float = _tracked("metric")
+    """Held-out loss per token on the tokens the loss is taken on (``loss_on``)."""
     eval_loss_se: float = _tracked("metric")
     """Standard error of eval_loss over the held-out examples (``trainers/stats.py``)."""
+    response_loss: float = _tracked("metric")
+    """Held-out loss per response token (completion, assistant turns; every token of ``text``): the same
+    tokens whatever ``loss_on`` is, so trials that differ in it compare on this."""
     perplexity: float = _tracked("metric")
     rouge_l: float = _tracked("metric")
     rouge_l_se: float = _tracked("metric")
@@ -407,6 +544,15 @@ class TrialResult:
     train_loss_last: float = _tracked("metric")
     train_steps: int = _tracked("metric")
     train_examples: int = _tracked("metric")
+    truncated_rows: int = _tracked("metric")
+    """Train rows longer than ``max_seq_length`` (cut to it)."""
+    truncated_pct: float = _tracked("metric")
+    response_tokens_lost: int = _tracked("metric")
+    """Response tokens of the train rows that the cut removed (never learned)."""
+    response_lost_pct: float = _tracked("metric")
+    dropped_rows: int = _tracked("metric")
+    """Train rows the cut left with no token to learn from (their prompt alone fills ``max_seq_length``):
+    TRL drops them, and so does the fast path."""
     test_examples: int = _tracked("metric")
     bnb_layers: int = _tracked("metric")
     dataset_fingerprint: str = _tracked("param")

@@ -9,20 +9,26 @@ hence these few passes of our own over the file and the loaded columns.
 from __future__ import annotations
 
 import json
+import lzma
 import math
 from pathlib import Path
+from typing import Callable
 
 from trainers.data import DataError
 
+ROLES = ("system", "user", "assistant")
 
-def check_text_file(path: Path, columns: tuple[str, ...]) -> list[int] | None:
+
+def check_text_file(path: Path, columns: tuple[str, ...], json_lines: bool) -> list[int] | None:
     """Every byte UTF-8 and, for JSON Lines, every line a JSON object (read a line at a time: datasets
-    can be large). Returns the file line of each data row of a JSON Lines file (blank lines are skipped,
-    as ``datasets`` skips them), so later messages can name lines; None for other formats."""
-    json_lines = path.suffix.lower() == ".jsonl"
+    can be large; a .gz, .bz2 or .xz file decompressed as ``datasets`` will). Returns the file line of each
+    data row of a JSON Lines file (blank lines are skipped, as ``datasets`` skips them), so later messages
+    can name lines; None for other formats."""
+    import fsspec
+
     lines = []
     try:
-        with open(path, "rb") as f:
+        with fsspec.open(str(path), "rb", compression="infer") as f:
             for number, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -32,8 +38,8 @@ def check_text_file(path: Path, columns: tuple[str, ...]) -> list[int] | None:
                 if json_lines and line.strip():
                     _json_object(path, number, line, columns)
                     lines.append(number)
-    except OSError as e:
-        raise DataError(f"dataset '{path}': cannot read it ({e.strerror})") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:  # unreadable, or not the compression its name says
+        raise DataError(f"dataset '{path}': cannot read it ({e.strerror or e})") from None
     return lines if json_lines else None
 
 
@@ -47,17 +53,38 @@ def _json_object(path: Path, number: int, line: str, columns: tuple[str, ...]) -
                         f"got {type(row).__name__}")
 
 
-def check_values(ds, source: str, columns: tuple[str, ...], lines: list[int] | None = None) -> None:
+def check_values(ds, source: str, required, optional=(), lines: list[int] | None = None,
+                 problem: Callable[[object], str | None] | None = None) -> None:
     """Every needed field of every row is non-empty text: a null, a missing key, a number or an empty
-    string would be trained on as "None", "5" or nothing."""
-    for column in columns:
+    string would be trained on as "None", "5" or nothing. An optional field (alpaca's input) may also be
+    missing, null or empty. ``problem`` replaces the text rule for a field of another shape (conversations)."""
+    for column in [*required, *(c for c in optional if c in ds.column_names)]:
         for i, value in enumerate(ds[column]):
-            if isinstance(value, str) and value.strip():
-                continue
-            where = f"line {lines[i]}" if lines else f"row {i + 1}"
-            what = ("is missing or null" if value is None else "is empty" if isinstance(value, str)
-                    else f"is {str(value)[:40]!r} ({type(value).__name__}), not text")
-            raise DataError(f"dataset '{source}': {where}: field '{column}' {what}")
+            why = problem(value) if problem else _text_problem(value, column in optional)
+            if why:
+                where = f"line {lines[i]}" if lines else f"row {i + 1}"
+                raise DataError(f"dataset '{source}': {where}: field '{column}' {why}")
+
+
+def _text_problem(value, optional: bool) -> str | None:
+    if value is None or value == "":
+        return None if optional else ("is missing or null" if value is None else "is empty")
+    if not isinstance(value, str):
+        return f"is {str(value)[:40]!r} ({type(value).__name__}), not text"
+    return None if value.strip() or optional else "is empty (only whitespace)"
+
+
+def messages_problem(value) -> str | None:
+    """A conversation: a list of {role, content} messages with an assistant reply after another turn."""
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of messages"
+    for j, m in enumerate(value, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            return f"message {j} must be {{role: {'|'.join(ROLES)}, content: text}}, got {str(m)[:60]}"
+    replies = [j for j, m in enumerate(value) if m["role"] == "assistant"]
+    if not replies or replies[-1] == 0:
+        return "needs an assistant message after another message (what the model learns to answer)"
+    return None
 
 
 def check_split(source: str, rows: int, train_samples: int, test_fraction: float) -> None:

@@ -1,15 +1,17 @@
-"""Evaluation: the held-out loss, and generations for the post's prompts and held-out rows with the
+"""Evaluation: the held-out losses, and generations for the space's prompts and held-out rows with the
 failure modes the post names (repetition loops, very short answers, no proper ending)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from trainers.data import END_MARKER, POST_PROMPTS, prompt
+from trainers.formats import space_prompt
+from trainers.sft import loss_targets, tokenize, trl_columns
 from trainers.stats import mean_se, ratio_se
 
 # Tokens per evaluation forward pass (padding included). Its logits, about 10 bytes a token per vocabulary
@@ -27,8 +29,10 @@ class HeldoutLoss:
     @property
     def mean(self) -> float:
         """Mean loss per target token over the whole split: independent of how examples are batched
-        (transformers' Trainer.evaluate averages per-batch means, which moves with the batch size)."""
-        return sum(self.sums) / max(sum(self.counts), 1)
+        (transformers' Trainer.evaluate averages per-batch means, which moves with the batch size).
+        NaN when no token was a target."""
+        total = sum(self.counts)
+        return sum(self.sums) / total if total else math.nan
 
     @property
     def se(self) -> float:
@@ -36,10 +40,17 @@ class HeldoutLoss:
         return ratio_se(self.sums, self.counts)
 
 
-@torch.no_grad()
 def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str,
-                 autocast: bool | None = None) -> HeldoutLoss:
-    """Teacher-forced loss of every example (as tokenized for training), in length-sorted padded batches.
+                 targets: list[list[int]] | None = None, autocast: bool | None = None) -> HeldoutLoss:
+    """Teacher-forced loss of every example (as tokenized for training); ``targets`` marks with 1 the tokens
+    it is taken on (default: all, as the post trained)."""
+    return heldout_losses(model, input_ids, pad_id, device, {"": targets}, autocast)[""]
+
+
+@torch.no_grad()
+def heldout_losses(model, input_ids: list[list[int]], pad_id: int, device: str,
+                   targets: dict[str, list[list[int]] | None], autocast: bool | None = None) -> dict[str, HeldoutLoss]:
+    """``heldout_loss`` for several target masks from one forward pass, in length-sorted padded batches.
 
     Sorting keeps padding small and changes nothing: each example's loss is computed on its own and
     summed. On CUDA it runs under bf16 autocast, as the Trainer trains and evaluates, unless ``autocast``
@@ -48,7 +59,7 @@ def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str,
     was_training = model.training
     model.eval()
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
-    sums, counts = [0.0] * len(input_ids), [0] * len(input_ids)
+    out = {name: ([0.0] * len(input_ids), [0] * len(input_ids)) for name in targets}
     if autocast is None:
         autocast = device == "cuda"
     cast = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -57,23 +68,41 @@ def heldout_loss(model, input_ids: list[list[int]], pad_id: int, device: str,
         end = start + 1
         while end < len(order) and (end - start + 1) * len(input_ids[order[end]]) <= EVAL_BATCH_TOKENS[device]:
             end += 1
-        batch = [input_ids[i] for i in order[start:end]]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        rows = order[start:end]
+        width = max(len(input_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+            ids[row, :len(input_ids[i])], mask[row, :len(input_ids[i])] = torch.tensor(input_ids[i]), 1
         with cast:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
-        per_row = token_loss.view(len(batch), -1).sum(1).tolist()
-        for row, i in enumerate(order[start:end]):
-            sums[i], counts[i] = per_row[row], len(input_ids[i]) - 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
+        token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten().to(model.device),
+                                     reduction="none").view(len(rows), -1)
+        for name, chosen in targets.items():
+            weight = mask.clone()
+            if chosen is not None:
+                for row, i in enumerate(rows):
+                    weight[row, :len(chosen[i])] *= torch.tensor(chosen[i])
+            weight = weight[:, 1:].to(token_loss.device)  # the first token is never a target
+            sums, counts = (token_loss * weight).sum(1).tolist(), weight.sum(1).tolist()
+            for row, i in enumerate(rows):
+                out[name][0][i], out[name][1][i] = sums[row], int(counts[row])
         start = end
     model.train(was_training)
-    return HeldoutLoss(sums, counts)
+    return {name: HeldoutLoss(sums, counts) for name, (sums, counts) in out.items()}
+
+
+def loss_masks(cfg, tokenizer, split) -> tuple[list[list[int]], dict[str, list[list[int]] | None]]:
+    """A split tokenized as for training, and the tokens each held-out loss is taken on: ``eval`` those the
+    training loss is (loss_on; a trial's eval_loss), ``response`` the response's (the same whatever loss_on is)."""
+    tokens = tokenize(trl_columns(split), tokenizer, cfg.max_seq_length, cfg.loss_on)
+    return tokens["input_ids"], {"eval": loss_targets(tokens, cfg.loss_on), "response": tokens["response_mask"]}
+
+
+def split_losses(cfg, model, tokenizer, split, autocast: bool | None = None) -> dict[str, HeldoutLoss]:
+    """``loss_masks``' per-example held-out losses, from one pass over the split."""
+    ids, masks = loss_masks(cfg, tokenizer, split)
+    return heldout_losses(model, ids, tokenizer.pad_token_id, cfg.device, masks, autocast)
 
 
 def repeated_ngram_rate(seq, n: int = 3) -> float:
@@ -102,60 +131,81 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def quality_prompts(test_split, heldout: int) -> list[dict]:
-    """The post's two prompts (no reference) and the first ``heldout`` test rows (with reference)."""
-    items = [{"product": p, "category": c, "reference": None, "source": "post"} for p, c in POST_PROMPTS]
-    for row in test_split.select(range(min(heldout, len(test_split)))):
-        items.append({"product": row["product"], "category": row["category"],
-                      "reference": row["description"], "source": "test"})
+def quality_prompts(cfg, test_split) -> list[dict]:
+    """The space's own prompts (no reference) and the first ``heldout_prompts`` test rows (with reference)."""
+    items = [{**space_prompt(cfg, p), "reference": None, "source": "space"} for p in cfg.eval_prompts]
+    for row in test_split.select(range(min(cfg.heldout_prompts, len(test_split)))):
+        items.append({"title": row["title"], "prompt": row["eval_prompt"], "reference": row["reference"],
+                      "source": "test"})
     return items
 
 
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    """A prompt's tokens exactly as its training rows begin: text through the tokenizer (BOS included),
+    a conversation through the chat template, ready for the assistant's turn."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a generation: the tokenizer's EOS and the model's (a chat model's end of turn)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+
+
 @torch.no_grad()
-def generate(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[dict]:
-    """Greedy generation (as the post read its outputs), batched with left padding, stopping at the end marker."""
-    texts = [prompt(it["product"], it["category"]) for it in items]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
-    finally:
-        tokenizer.padding_side = side
+def generate(model, tokenizer, items: list[dict], max_new_tokens: int, end_marker: str = "") -> list[dict]:
+    """Greedy generation (as the post read its outputs), batched with left padding, stopping at the end marker
+    when there is one, else at EOS; ``ended`` says whether it got there within ``max_new_tokens``."""
+    if not items:
+        return []
+    prompts = [_prompt_ids(tokenizer, it["prompt"]) for it in items]
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts]).to(model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).to(model.device)
     was_training = model.training
     model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=[END_MARKER],
-                         tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+    stops = eos_ids(model, tokenizer)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         stop_strings=[end_marker] if end_marker else None, tokenizer=tokenizer,
+                         pad_token_id=pad, eos_token_id=stops)
     model.train(was_training)
     results = []
-    for it, row in zip(items, out[:, enc["input_ids"].shape[1]:]):
-        ids = [t for t in row.tolist() if t not in tokenizer.all_special_ids]
-        raw = tokenizer.decode(ids)
-        ended = END_MARKER in raw
-        text = raw.split(END_MARKER)[0]
-        body = tokenizer(text, add_special_tokens=False)["input_ids"] if ended else ids
-        results.append({**it, "generation": text.strip(), "ended": ended,
-                        "repeat_rate": repeated_ngram_rate(body)})
+    for it, row in zip(items, out[:, width:].tolist()):
+        ids_ = [t for t in row if t not in tokenizer.all_special_ids]
+        raw = tokenizer.decode(ids_)
+        ended = end_marker in raw if end_marker else any(t in stops for t in row)
+        text = raw.split(end_marker)[0] if end_marker else raw
+        body = tokenizer(text, add_special_tokens=False)["input_ids"] if end_marker and ended else ids_
+        results.append({**it, "generation": text.strip(), "ended": ended, "repeat_rate": repeated_ngram_rate(body)})
     return results
 
 
 def generation_metrics(results: list[dict]) -> dict:
     """Means over the generations; ROUGE-L over the held-out rows with its standard error across them."""
     rouge = [rouge_l(r["generation"], r["reference"]) for r in results if r["reference"]]
-    n = max(len(results), 1)
+    n = len(results)
+    if not n:  # nothing generated for (no eval_prompts, heldout_prompts=0): not measured, not zero
+        return dict.fromkeys(("repeat_ngram_rate", "gen_mean_words", "end_marker_rate", "rouge_l", "rouge_l_se"),
+                             math.nan)
     return {
         "repeat_ngram_rate": sum(r["repeat_rate"] for r in results) / n,
         "gen_mean_words": sum(len(r["generation"].split()) for r in results) / n,
         "end_marker_rate": sum(r["ended"] for r in results) / n,
-        "rouge_l": sum(rouge) / len(rouge) if rouge else 0.0,
+        "rouge_l": sum(rouge) / len(rouge) if rouge else math.nan,
         "rouge_l_se": mean_se(rouge),
     }
 
 
-def format_generations(results: list[dict]) -> str:
+def format_generations(results: list[dict], end_marker: str = "") -> str:
     """Plain text for people (and the MLflow artifact)."""
     blocks = []
     for r in results:
-        head = f"## {r['product']} ({r['category']}) [{r['source']}]"
-        body = r["generation"] + ("\n### End" if r["ended"] else "\n[no end marker]")
+        head = f"## {r['title']} [{r['source']}]"
+        body = r["generation"] + (f"\n{end_marker or '[end]'}" if r["ended"] else
+                                  f"\n[no {'end marker' if end_marker else 'end: max_new_tokens reached'}]")
         ref = f"\n--- reference ---\n{r['reference']}" if r["reference"] else ""
         blocks.append(f"{head}\n{body}{ref}\n")
     return "\n".join(blocks)

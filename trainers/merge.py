@@ -23,9 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainers.config import TrialConfig, is_quantized
 from trainers.data import build_splits
-from trainers.evaluate import heldout_loss
+from trainers.evaluate import split_losses
 from trainers.models import checkpoint_path, load_base, load_tokenizer
-from trainers.sft import tokenize
 
 MERGE_BASES = ("trial", "original")
 STORE_DTYPES = ("float32", "bfloat16", "float16")
@@ -103,17 +102,18 @@ def trained_weights(model: PeftModel) -> torch.nn.Module:
 
 def rebuild_splits(cfg: TrialConfig):
     """The trial's exact train/test split (build_splits is deterministic in its arguments)."""
-    return build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
+    return build_splits(cfg)
 
 
 def heldout(cfg: TrialConfig, model, tokenizer, splits, autocast: bool | None = None):
-    """Per-example held-out losses exactly as the trial computed them (same tokenization, same function)."""
-    test_ids = tokenize(splits["test"], tokenizer, cfg.max_seq_length)["input_ids"]
-    return heldout_loss(model, test_ids, tokenizer.pad_token_id, cfg.device, autocast=autocast)
+    """Per-example held-out losses exactly as the trial computed them (same tokenization, same tokens: loss_on's
+    for ``eval``, the response's for ``response``; same function)."""
+    return split_losses(cfg, model, tokenizer, splits["test"], autocast)
 
 
 def eval_loss(cfg: TrialConfig, model, tokenizer, splits, autocast: bool | None = None) -> float:
-    return heldout(cfg, model, tokenizer, splits, autocast).mean
+    """The trial's eval loss: on the tokens its loss was taken on (``loss_on``)."""
+    return heldout(cfg, model, tokenizer, splits, autocast)["eval"].mean
 
 
 def merge(model: PeftModel, dtype: str = "float32") -> torch.nn.Module:

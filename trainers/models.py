@@ -203,7 +203,7 @@ def materialize_random(name: str, seed: int) -> Path:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the whole bf16 model back before this trial loads its own base
             tok_src = src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER
-            for f in tok_src.glob("tokenizer*"):
+            for f in [*tok_src.glob("tokenizer*"), *tok_src.glob("chat_template*")]:
                 shutil.copy(f, tmp / f.name)
             os.replace(tmp, final)
         finally:
@@ -321,11 +321,46 @@ def load_base(cfg, path: str, dtype: torch.dtype | None = None) -> torch.nn.Modu
     return model
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = ""):
+    """The checkpoint's tokenizer, with a pad token and, when the space gives one, its chat template."""
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # LLaMA tokenizers ship without one; the post pads with EOS
         tok.pad_token = tok.eos_token
+    if chat_template:
+        tok.chat_template = chat_template
     return tok
+
+
+def tokenizer_path(model_id: str, checkpoint: str) -> str:
+    """Where a trial's tokenizer comes from: the checkpoint's own, or for ``random:`` models the bundled one
+    (not the materialized copy, which a cache written by an older version may hold without a chat template)."""
+    if not model_id.startswith("random:"):
+        return checkpoint
+    src = _bundled_dir(model_id.removeprefix("random:"))
+    return str(src if (src / "tokenizer.json").is_file() else ASSETS / FALLBACK_TOKENIZER)
+
+
+def local_tokenizer(cfg):
+    """The trial's tokenizer where it can be had without a download (bundled, a local directory, the HF
+    cache), for the driver's checks; None for a Hub model that is not cached (the trial checks it then)."""
+    path = tokenizer_path(cfg.model, cfg.model)
+    try:
+        if not Path(path).is_dir():
+            path = snapshot_tokenizer(path)
+        return load_tokenizer(path, cfg.trust_remote_code, cfg.chat_template)
+    except (OSError, ValueError):
+        return None
+
+
+def snapshot_tokenizer(model_id: str) -> str:
+    """The HF cache's copy of a Hub model's tokenizer files (OSError when it has none)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, local_files_only=True, allow_patterns=["tokenizer*", "chat_template*",
+                                                                                    "special_tokens_map.json"])
+    except Exception as e:  # noqa: BLE001 - any miss means it is not cached
+        raise OSError(str(e)) from None
 
 
 if __name__ == "__main__":  # prebuild_random's child: python -m trainers.models NAME SEED

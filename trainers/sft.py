@@ -23,6 +23,8 @@ from __future__ import annotations
 import transformers
 from peft.tuners.tuners_utils import BaseTunerLayer
 from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.data_utils import common_prefix_length
 
 from trainers.config import compute_dtype_name
 
@@ -65,19 +67,116 @@ class LogitsLossSFTTrainer(CountingSFTTrainer):
         return transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
-def tokenize(dataset, tokenizer, max_length: int):
-    """The ``text`` column as TRL tokenizes it for training (EOS appended, truncated to ``max_length``),
-    in one batched call; keeps the other columns."""
-    eos = tokenizer.eos_token
-
-    def encode(batch):
-        texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
-        return {"input_ids": tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]}
-
-    return dataset.map(encode, batched=True)
+# TRL's three dataset shapes (trainers/formats.py renders every format into one) and their columns.
+SHAPE_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "messages": ["messages"]}
 
 
-def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), checkpoints: bool = False) -> SFTTrainer:
+def shape(dataset) -> str:
+    columns = dataset.column_names
+    return "messages" if "messages" in columns else "prompt_completion" if "completion" in columns else "text"
+
+
+def trl_columns(split):
+    """A split's columns in TRL's shape, without the raw and evaluation ones."""
+    return split.select_columns(SHAPE_COLUMNS[shape(split)])
+
+
+def trl_chat_template(tokenizer, loss_on: str) -> str | None:
+    """The chat template TRL tokenizes conversations with: under assistant_only_loss, when the tokenizer's own
+    has no ``{% generation %}`` markers, TRL's training version of it (ValueError for one TRL does not know);
+    otherwise the tokenizer's own (None)."""
+    if loss_on != "assistant" or has_generation_markers(tokenizer.chat_template or ""):
+        return None
+    return get_training_chat_template(tokenizer)
+
+
+def _with_eos(texts: list[str], eos: str) -> list[str]:
+    return [t if t.endswith(eos) else t + eos for t in texts]  # as TRL's add_eos
+
+
+def _encode_text(batch, tokenizer, loss_on):
+    ids = tokenizer(_with_eos(batch["text"], tokenizer.eos_token))["input_ids"]
+    return ids, [[1] * len(x) for x in ids]  # all of it is the response
+
+
+def _encode_prompt_completion(batch, tokenizer, loss_on):
+    prompts, completions = batch["prompt"], batch["completion"]
+    if isinstance(prompts[0], list):  # conversational: the chat template ends the turn, no EOS is added
+        prompt_ids = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template([p + c for p, c in zip(prompts, completions)], tokenize=True,
+                                            return_dict=True)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        ids = tokenizer([p + c for p, c in zip(prompts, _with_eos(completions, tokenizer.eos_token))])["input_ids"]
+    # TRL: the completion starts where the two tokenizations diverge (not always after the prompt)
+    starts = [common_prefix_length(p, x) for p, x in zip(prompt_ids, ids)]
+    return ids, [[0] * n + [1] * (len(x) - n) for n, x in zip(starts, ids)]
+
+
+def _encode_messages(batch, tokenizer, loss_on):
+    template = trl_chat_template(tokenizer, loss_on)
+    out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True, chat_template=template,
+                                        return_assistant_tokens_mask=has_generation_markers(
+                                            template or tokenizer.chat_template or ""))
+    ids = out["input_ids"]
+    # without {% generation %} markers the assistant tokens are unknown: no response measures (NaN)
+    return ids, out.get("assistant_masks") or [[0] * len(x) for x in ids]
+
+
+def tokenize(dataset, tokenizer, max_length: int, loss_on: str = "all"):
+    """The rendered rows as TRL 1.16's SFTTrainer tokenizes them for training, in batched calls: EOS appended
+    to non-chat text and completions, chat rendered by the template TRL would use, cut to ``max_length``
+    (TRL's keep_start). Adds ``input_ids``, ``response_mask`` (1 on the response's tokens: the completion,
+    assistant turns, all of ``text``; TRL's completion_mask / assistant_masks), and the uncut ``full_length``
+    and ``response_tokens``; keeps the other columns."""
+    encode = {"text": _encode_text, "prompt_completion": _encode_prompt_completion,
+              "messages": _encode_messages}[shape(dataset)]
+
+    def batch_fn(batch):
+        ids, masks = encode(batch, tokenizer, loss_on)
+        return {"input_ids": [x[:max_length] for x in ids], "response_mask": [m[:max_length] for m in masks],
+                "full_length": [len(x) for x in ids], "response_tokens": [sum(m) for m in masks]}
+
+    return dataset.map(batch_fn, batched=True)
+
+
+def trl_ready(tokenized, loss_on: str):
+    """What TRL's preparation hands its label builder, for the fast path: ``input_ids`` with the mask its
+    tokenizer step names ``completion_mask`` (prompt-completion rows; applied under completion_only_loss) or
+    ``assistant_masks`` (conversations under assistant_only_loss; always applied), and without the rows its
+    truncation left with no token to learn from. Returns the dataset and the number of rows dropped."""
+    kind = shape(tokenized)
+    mask = "completion_mask" if kind == "prompt_completion" else "assistant_masks" if loss_on == "assistant" else None
+    ds = tokenized.select_columns(["input_ids", "response_mask"])
+    before = len(ds)
+    if loss_on != "all":
+        ds = ds.filter(lambda row: any(row["response_mask"]))
+    ds = ds.rename_column("response_mask", mask) if mask else ds.remove_columns("response_mask")
+    return ds, before - len(ds)
+
+
+def loss_targets(tokenized, loss_on: str) -> list[list[int]] | None:
+    """Which tokens of each row the loss is taken on (None: all of them)."""
+    return None if loss_on == "all" else tokenized["response_mask"]
+
+
+def length_stats(tokenized, max_length: int, dropped: int) -> dict:
+    """How much ``max_length`` cuts: rows cut, response tokens lost (of all the rows' response tokens), rows
+    left with nothing to learn from."""
+    rows, full = len(tokenized), tokenized["full_length"]
+    total = sum(tokenized["response_tokens"])
+    lost = total - sum(map(sum, tokenized["response_mask"]))
+    cut = sum(n > max_length for n in full)
+    return {"truncated_rows": cut, "truncated_pct": 100.0 * cut / rows if rows else 0.0,
+            "response_tokens_lost": lost, "response_lost_pct": 100.0 * lost / total if total else float("nan"),
+            "dropped_rows": dropped}
+
+
+def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), checkpoints: bool = False,
+                 tokenized=None) -> SFTTrainer:
+    """The trial's SFTTrainer; ``tokenized`` is the train split through ``tokenize`` (the fast path's data),
+    when the caller has it already."""
     fast = cfg.trainer == "fast"
     cuda = cfg.device == "cuda"
     args = SFTConfig(
@@ -93,7 +192,11 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         logging_nan_inf_filter=False,  # a NaN loss must show as NaN (trainers/guards.py fails the trial on it)
         max_length=None if fast else cfg.max_seq_length,  # fast: truncated by tokenize() already
         padding_free=fast,
-        dataset_text_field="text",  # the post trains on the whole templated text
+        dataset_text_field="text",
+        # What the loss is taken on, by TRL's own masks. The fast path's data comes pre-tokenized, where TRL
+        # refuses assistant_only_loss; its assistant_masks column (which TRL always applies) does the same.
+        completion_only_loss=cfg.loss_on == "completion",
+        assistant_only_loss=cfg.loss_on == "assistant" and not fast,
         packing=False,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=compute_dtype_name(cfg.device) == "bfloat16",
@@ -111,10 +214,11 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         dataloader_num_workers=0,
     )
     if fast:
-        train = tokenize(splits["train"].select_columns(["text"]), tokenizer, cfg.max_seq_length)
-        train = train.select_columns(["input_ids"])
+        if tokenized is None:
+            tokenized = tokenize(trl_columns(splits["train"]), tokenizer, cfg.max_seq_length, cfg.loss_on)
+        train = trl_ready(tokenized, cfg.loss_on)[0]
     else:
-        train = splits["train"].select_columns(["text"])
+        train = trl_columns(splits["train"])
     trainer_cls = LogitsLossSFTTrainer if adapts_output_head(model) or fast else CountingSFTTrainer
     return trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                        callbacks=list(callbacks))

@@ -24,11 +24,13 @@ from trainers import checkpoints, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
                              HELDOUT_FILE, METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig,
                              TrialResult, is_quantized, perplexity)
-from trainers.data import build_splits, fingerprint
-from trainers.evaluate import format_generations, generate, generation_metrics, heldout_loss, quality_prompts
+from trainers.data import DataError, build_splits, fingerprint
+from trainers.evaluate import (format_generations, generate, generation_metrics, heldout_losses, loss_masks,
+                               quality_prompts)
+from trainers.formats import chat_template_problem
 from trainers.guards import FiniteLossGuard, check_finite
-from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config
-from trainers.sft import make_trainer, tokenize
+from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config, tokenizer_path
+from trainers.sft import length_stats, make_trainer, tokenize, trl_columns, trl_ready
 from trainers.sysmetrics import SystemSampler
 
 Report = Callable[[dict], None]  # tune.report, or a test's list.append
@@ -128,9 +130,12 @@ def device_info(cuda: bool) -> dict:
 
 @dataclass
 class Setup:
-    """What steps 1-3 build: the data, the tokenizer, the base with its (untrained) LoRA adapter."""
+    """What steps 1-3 build: the data (and its train split tokenized, with what max_seq_length cut from it),
+    the tokenizer, the base with its (untrained) LoRA adapter."""
 
     splits: object
+    train_tokens: object
+    lengths: dict
     tokenizer: object
     model: torch.nn.Module
     bnb: dict[str, int]
@@ -149,9 +154,13 @@ class Training:
 
 def setup(cfg: TrialConfig) -> Setup:
     """1. data -> 2. base model in 4, 8 or 16 bits -> 3. LoRA."""
-    splits = build_splits(cfg.dataset, cfg.train_samples, cfg.test_fraction, cfg.seed)
+    splits = build_splits(cfg)
     path = checkpoint_path(cfg)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path(cfg.model, path), cfg.trust_remote_code, cfg.chat_template)
+    if (problem := chat_template_problem(cfg, tokenizer)) is not None:
+        raise DataError(f"field '{problem[0]}': {problem[1]}")
+    train_tokens = tokenize(trl_columns(splits["train"]), tokenizer, cfg.max_seq_length, cfg.loss_on)
+    lengths = length_stats(train_tokens, cfg.max_seq_length, dropped=trl_ready(train_tokens, cfg.loss_on)[1])
     model = load_base(cfg, path)
     bnb = quantized_layers(model)
     if is_quantized(cfg.bits):
@@ -165,7 +174,7 @@ def setup(cfg: TrialConfig) -> Setup:
     trainable, total = model.get_nb_trainable_parameters()
     if cfg.baseline:
         trainable, total = 0, total - trainable
-    return Setup(splits, tokenizer, model, bnb, trainable, total)
+    return Setup(splits, train_tokens, lengths, tokenizer, model, bnb, trainable, total)
 
 
 def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from: Path | None, resume_step: int,
@@ -177,7 +186,7 @@ def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from
     callbacks = [FiniteLossGuard(), steps, *([evals] if evals else []),
                  *([CheckpointReporter(on_checkpoint, evals)] if on_checkpoint else []), *faults.injectors(cfg.name)]
     trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
-                           checkpoints=on_checkpoint is not None)
+                           checkpoints=on_checkpoint is not None, tokenized=s.train_tokens)
     steps.tokens = lambda: trainer.real_tokens
     trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
     if cfg.device == "cuda":
@@ -197,7 +206,7 @@ def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> 
         s.model.save_pretrained(out_dir / ADAPTER_DIR, save_embedding_layers=False)
         s.tokenizer.save_pretrained(out_dir / ADAPTER_DIR)
     (out_dir / GENERATIONS_JSON).write_text(json.dumps(generations, indent=1, ensure_ascii=False))
-    (out_dir / GENERATIONS_MD).write_text(format_generations(generations))
+    (out_dir / GENERATIONS_MD).write_text(format_generations(generations, cfg.marker))
 
 
 def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
@@ -220,29 +229,31 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
 
     clock = time.perf_counter()
     s = setup(cfg)
-    test_ids = tokenize(s.splits["test"], s.tokenizer, cfg.max_seq_length)["input_ids"]
+    test_ids, masks = loss_masks(cfg, s.tokenizer, s.splits["test"])
 
-    def evaluate() -> float:  # during training (every eval_every steps) and after it: one held-out loss
-        return heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device).mean
+    def held_out(names=("eval",)) -> dict:  # during training (every eval_every steps) and after it
+        return heldout_losses(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device, {n: masks[n] for n in names})
 
-    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint, evaluate,
-              sampler)
+    t = train(cfg, s, out_dir, report or (lambda r: None), resume_from, resume_step, on_checkpoint,
+              lambda: held_out()["eval"].mean, sampler)
     setup_seconds = time.perf_counter() - clock - t.seconds  # data, base, adapter, trainer
-    # 5. evaluate: held-out loss, then generations for the post's prompts and test rows
+    # 5. evaluate: held-out losses, then generations for the space's prompts and test rows
     clock = time.perf_counter()
-    heldout = heldout_loss(s.model, test_ids, s.tokenizer.pad_token_id, cfg.device)  # per example: error bars
-    eval_loss = heldout.mean
+    losses = held_out(("eval", "response"))  # per example: error bars
+    eval_loss = losses["eval"].mean
     check_finite("eval loss", eval_loss)
     eval_seconds, clock = time.perf_counter() - clock, time.perf_counter()
-    generations = generate(s.model, s.tokenizer, quality_prompts(s.splits["test"], cfg.heldout_prompts),
-                           cfg.max_new_tokens)
+    generations = generate(s.model, s.tokenizer, quality_prompts(cfg, s.splits["test"]), cfg.max_new_tokens,
+                           cfg.marker)
     generate_seconds = time.perf_counter() - clock
     save(cfg, s, out_dir, generations)
     (out_dir / HELDOUT_FILE).write_text(json.dumps({"row_ids": list(s.splits["test"]["row_id"]),
-                                                    "sums": heldout.sums, "counts": heldout.counts}))
+                                                    "sums": losses["eval"].sums,
+                                                    "counts": losses["eval"].counts}))
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
-        eval_loss=eval_loss, eval_loss_se=heldout.se, perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
+        eval_loss=eval_loss, eval_loss_se=losses["eval"].se, response_loss=losses["response"].mean,
+        perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
         train_seconds=t.seconds, eval_seconds=eval_seconds, generate_seconds=generate_seconds, train_tokens=t.tokens,
         train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -250,7 +261,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
         train_loss_last=t.losses[-1] if t.losses else float("nan"),
         train_steps=t.trainer.state.global_step, resumed_from_step=resume_step, train_started_at=t.started_at,
         train_examples=len(s.splits["train"]), dataset_fingerprint=fingerprint(s.splits),
-        test_examples=len(s.splits["test"]), bnb_layers=sum(s.bnb.values()),
+        test_examples=len(s.splits["test"]), bnb_layers=sum(s.bnb.values()), **s.lengths,
         bnb_layer_type=",".join(sorted(s.bnb)) or "none", **device_info(cuda), **generation_metrics(generations),
     )
     (out_dir / METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=1))

@@ -177,6 +177,20 @@ CASES = {
                    "Expected 3 fields in line 3, saw 5"),
     "too few rows for the split": (lambda t: dataset(t, "few.jsonl", ROW * 3, "--set", "test_fraction=0.7"),
                                    "is too small: 3 row(s) with test_fraction=0.7 leave 0 for training and 3 for test"),
+    "dataset mapped to a missing column": (
+        lambda t: space(t, settings="data_format='alpaca', columns={'instruction': 'question'}") + [
+            "--set", "dataset=" + data_file(t, "a.jsonl", b'{"q": "x", "output": "y"}\n')],
+        "field 'dataset': dataset '{}' lacks column(s) question (columns maps instruction to it) for the alpaca format"),
+    "dataset row unusable": (
+        lambda t: space(t, settings="data_format='messages'") + ["--set", "dataset=" + data_file(
+            t, "m.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+                          b'{"messages": [{"role": "user", "content": "x"}]}\n')],
+        "m.jsonl': line 2: field 'messages' needs an assistant message after another message"),
+    "chat without a chat template": (
+        lambda t: space(t, settings="data_format='messages'") + [
+            "--set", "model=random:open_llama_3b_v2", "--set", "dataset=bundled:products-chat-200"],
+        "field 'chat_template': data_format='messages' needs a chat template and the tokenizer of "
+        "random:open_llama_3b_v2 has none"),
     "hub dataset offline": (lambda t: space(t) + ["--set", "dataset=someone/red-dot"], "Hub is unreachable"),
     # the model
     "hub model offline": (lambda t: space(t) + ["--set", "model=someone/llama"], "Hub is unreachable and no copy"),
@@ -269,6 +283,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, ear
     start = time.monotonic()
     assert main(argv) == 2
     err = one_line_error(capsys.readouterr().err)
+    says = says.replace("{}", str(tmp_path / "a.jsonl"))
     assert says in err, err
     assert time.monotonic() - start < 30
     assert tree_digest(earlier_sweep) == before

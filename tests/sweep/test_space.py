@@ -44,6 +44,10 @@ def test_grid_is_the_full_cross_product_in_order():
     assert [(t.r, t.targets, t.bits) for t in trials[:4]] == [
         (4, "attention", 4), (4, "attention", 8), (4, "attention", 16), (4, "all_linear", 4)]
     assert all(t.overrides == {"learning_rate": 1e-3} for t in trials)
+    crossed = grid(r=[8], targets=["attention"], bits=[4, 8], loss_on=["all", "completion"], eval_prompts=["x"])
+    assert [(t.bits, t.overrides["loss_on"]) for t in crossed] == [(4, "all"), (4, "completion"), (8, "all"),
+                                                                    (8, "completion")]
+    assert all(t.overrides["eval_prompts"] == ["x"] for t in crossed)  # a list-valued setting is a value
 
 
 def test_fixed_values_and_per_trial_overrides(tmp_path):
@@ -69,6 +73,42 @@ def test_bad_values_name_file_trial_and_field(tmp_path, trial, field, says):
     msg = str(e.value)
     assert msg.startswith(str(path)) and "trial 1 (" in msg and f"field '{field}'" in msg and says in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("settings, field, says", [
+    ("data_format='chatml'", "data_format", "must be one of post, alpaca, prompt_completion, messages, text"),
+    ("data_format='alpaca', columns={'answer': 'output'}", "columns",
+     "must map the alpaca format's fields (instruction, input, output) to column names"),
+    ("data_format='alpaca', loss_on='assistant'", "loss_on", "must be one of all, completion for the alpaca format"),
+    ("data_format='text', loss_on='completion'", "loss_on", "must be one of all for the text format"),
+    ("data_format='messages', template='{x}'", "template", "must be '' or 'chat' for the messages format"),
+    ("data_format='prompt_completion', template='Q: {}'", "template", "must be a format string with named fields"),
+    ("data_format='prompt_completion', template='{prompt} {completion}'", "template",
+     "must not contain the response field {completion}"),
+    ("data_format='messages', end_marker='END'", "end_marker", "does not apply to the messages format"),
+    ("eval_prompts=['Corelogic Smooth Mouse']", "eval_prompts", "must be a list of prompts, each a dict of product, category as text"),
+    ("dataset_split=''", "dataset_split", "must be a split name"),
+])
+def test_bad_data_settings_name_file_trial_and_field(tmp_path, settings, field, says):
+    path = write_space(tmp_path / "bad.py", settings=settings)
+    with pytest.raises(SpaceError) as e:
+        expand(load_space(path), path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "trial 0 (" in msg and f"field '{field}' {says}" in msg and "\n" not in msg
+
+
+def test_data_settings_of_every_format_validate(tmp_path):
+    path = write_space(tmp_path / "ok.py", settings=(
+        "data_format='prompt_completion', columns={'completion': 'answer'}, template='Q: {question}\\nA: ', "
+        "end_marker='', eval_prompts=[{'question': 'Why?'}], loss_on='completion'"),
+        trials='*grid(r=[8], targets=["attention"], bits=[4], loss_on=["all", "completion"])')
+    a, b = expand(load_space(path), path)
+    assert (a.loss_on, b.loss_on, a.columns, a.eval_prompts) == ("all", "completion", {"completion": "answer"},
+                                                                ({"question": "Why?"},))
+    assert (a.name, b.name) == ("r8-attention-4bit-loss_on-all", "r8-attention-4bit-loss_on-completion")
+    assert a.prompt_fields == ("question",) and a.marker == "" and a.response_field == "completion"
+    post = expand(load_space(write_space(tmp_path / "p.py")), "p.py")[0]
+    assert (post.marker, post.prompt_fields, post.eval_prompts) == ("### End", ("product", "category"), ())
 
 
 def test_unknown_field_names_file_line_and_field(tmp_path):
@@ -139,6 +179,12 @@ def test_set_overrides_are_typed():
         parse_sets(["foo=1"])
     with pytest.raises(SpaceError, match="--set batch_size=big: expected int"):
         parse_sets(["batch_size=big"])
+    assert parse_sets(["columns=instruction:question, output:answer", "loss_on=completion", "end_marker="]) == {
+        "columns": {"instruction": "question", "output": "answer"}, "loss_on": "completion", "end_marker": ""}
+    with pytest.raises(SpaceError, match="--set columns=output: expected field:column pairs"):
+        parse_sets(["columns=output"])
+    with pytest.raises(SpaceError, match="--set eval_prompts: takes a list; set it in the space file"):
+        parse_sets(["eval_prompts=hello"])
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
