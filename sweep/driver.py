@@ -291,7 +291,7 @@ def execute(opts: SweepOptions, manifest: dict, out: Path, plan, store: Tracking
     end in one line and exit 1; anything unforeseen is re-raised after that, with its traceback."""
     from sweep import console, guard
     from sweep.callbacks import close_stopped
-    from sweep.summary import table_trials
+    from sweep.summary import table_trials, truncation_warnings
     from sweep.tuner import collect
 
     guard.FAILURES.clear()
@@ -337,6 +337,8 @@ def execute(opts: SweepOptions, manifest: dict, out: Path, plan, store: Tracking
     for r in rows:
         if r["status"] == sweepdir.ERROR:
             print(f"trial {r['trial_id']} failed: {r['error']}", file=sys.stderr)
+    for line in truncation_warnings(rows):
+        print(f"warning: {line}", file=sys.stderr)
     if not failure and any(r["status"] == sweepdir.INTERRUPTED or (r["status"] == sweepdir.NOT_RUN
                                                                   and not r["stop_reason"]) for r in rows):
         print("sweep interrupted: run the same command again to resume it", file=sys.stderr)
@@ -361,10 +363,8 @@ def write_results(opts: SweepOptions, manifest: dict, out: Path, plan, planned, 
 
     experiments = sweepdir.experiments(manifest)
     failure, title = (guard.FAILURES or [None])[0], f"Sweep {manifest['name']}"
-    max_new_tokens = (plan.spec.fixed if plan.spec else planned[0].cfg.to_dict())["max_new_tokens"]
     try:
-        rows, md = write_reports(out, planned, outcomes, title=title, metric=opts.metric,
-                                 max_new_tokens=max_new_tokens)
+        rows, md = write_reports(out, planned, outcomes, title=title, metric=opts.metric)
         md += budget_note(out, rows, experiments)
         importance = {}
         if plan.spec is not None:

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 from sweep import sweepdir
+from sweep.summary import compared_on
 from trainers.config import REPORT_KIND, EvalReport, StepReport, TrialResult
 
 PLOTS_DIR = "plots"
@@ -54,22 +55,24 @@ def finished(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
 
 
-def base_loss(rows: list[dict]) -> float | None:
-    return next((r["eval_loss"] for r in rows if r["baseline"] and _finite(r["eval_loss"])), None)
+def base_loss(rows: list[dict], key: str = "eval_loss") -> float | None:
+    return next((r[key] for r in rows if r["baseline"] and _finite(r[key])), None)
 
 
 def quality_vs_cost(rows: list[dict]):
-    """Eval loss (y) against trainable parameters (x, log scale): what each configuration buys."""
+    """Eval loss (y; the response loss when the trials' loss_on differ, as the table compares them) against
+    trainable parameters (x, log scale): what each configuration buys."""
     fig, ax = _figure("Quality against cost")
-    done, colour = finished(rows), colours([r["trial_id"] for r in rows])
+    loss = compared_on(rows)
+    done, colour = [r for r in finished(rows) if _finite(r[loss])], colours([r["trial_id"] for r in rows])
     for i, r in enumerate(done):
-        ax.scatter([r["trainable_params"]], [r["eval_loss"]], marker=BIT_MARKERS.get(r["bits"], "D"), s=90,
+        ax.scatter([r["trainable_params"]], [r[loss]], marker=BIT_MARKERS.get(r["bits"], "D"), s=90,
                    color=colour[r["trial_id"]], edgecolors="black" if r["best"] else "none", linewidths=1.5,
                    label=r["trial_id"], zorder=3)
         if len(done) <= 15:  # labels alternate above and below: same-size trials sit on one vertical
-            ax.annotate(r["trial_id"] + (" *" if r["best"] else ""), (r["trainable_params"], r["eval_loss"]),
+            ax.annotate(r["trial_id"] + (" *" if r["best"] else ""), (r["trainable_params"], r[loss]),
                         textcoords="offset points", xytext=(8, 6 if i % 2 else -12), fontsize=8)
-    if (base := base_loss(rows)) is not None:
+    if (base := base_loss(rows, loss)) is not None:
         ax.axhline(base, color="grey", linestyle="--", label=f"base (no adapter): {base:.4f}")
     if done:
         from matplotlib.ticker import FuncFormatter
@@ -79,7 +82,7 @@ def quality_vs_cost(rows: list[dict]):
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: _minor_label(x, ax.get_xlim())))
     ax.set_xlabel("parameters updated (log scale)")
-    ax.set_ylabel("eval loss (held-out test split)")
+    ax.set_ylabel(f"{loss.replace('_', ' ')} (held-out test split)")
     from matplotlib.lines import Line2D
 
     shapes = [Line2D([], [], marker=m, linestyle="", color="black", label=f"{b}-bit base")

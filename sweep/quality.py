@@ -41,29 +41,31 @@ def _mean(xs):
 class Group:
     """One configuration: its finished runs (one per seed) and their statistics."""
 
-    def __init__(self, name: str, runs: list[dict], heldout: dict[str, dict]):
-        self.name, self.runs = name, runs
+    def __init__(self, name: str, runs: list[dict], heldout: dict[str, dict], loss: str = "eval_loss"):
+        """``loss``: the runs' loss this group is judged on (``eval_loss``, or ``response_loss`` when the
+        trials' loss_on differs: ``sweep.summary.compared_on``)."""
+        self.name, self.runs, self.key = name, runs, loss
         self.n = len(runs)
-        self.loss = _mean(r["eval_loss"] for r in runs)
-        self.loss_sd = sd([r["eval_loss"] for r in runs])
+        self.loss = _mean(r[loss] for r in runs)
+        self.loss_sd = sd([r[loss] for r in runs])
         self.rouge = _mean(r["rouge_l"] for r in runs)
         self.rouge_sd = sd([r["rouge_l"] for r in runs])
         one = runs[0]["rouge_l_se"] if runs else math.nan
         self.rouge_se = self.rouge_sd / math.sqrt(self.n) if self.n >= 2 else one
         self.repeat = _mean(r["repeat_ngram_rate"] for r in runs)
         self.words = _mean(r["gen_mean_words"] for r in runs)
-        per_run = [heldout.get(r["trial_id"]) for r in runs]
+        per_run = [heldout.get(r["trial_id"]) if loss == "eval_loss" else None for r in runs]
         self.sums = None  # per-example summed losses averaged over seeds, when every run left them
         if runs and all(per_run) and len({tuple(h["row_ids"]) for h in per_run}) == 1:
             self.row_ids, self.counts = per_run[0]["row_ids"], per_run[0]["counts"]
             self.sums = [sum(col) / self.n for col in zip(*(h["sums"] for h in per_run))]
-        self.loss_se = ratio_se(self.sums, self.counts) if self.sums else _mean(r["eval_loss_se"] for r in runs)
+        self.loss_se = ratio_se(self.sums, self.counts) if self.sums else _mean(r.get(f"{loss}_se") for r in runs)
 
     def seed_var(self) -> float:
         return self.loss_sd ** 2 / self.n if self.n >= 2 else 0.0
 
     def diff(self, other: "Group") -> tuple[float, float]:
-        """(self - other) in eval loss and the standard error of that difference."""
+        """(self - other) in the group's loss and the standard error of that difference."""
         d = self.loss - other.loss
         if self.sums and other.sums and self.row_ids == other.row_ids:
             held = ratio_se([a - b for a, b in zip(self.sums, other.sums)], self.counts)
@@ -89,8 +91,8 @@ def assess(groups: list[Group], base: Group | None) -> dict[str, dict]:
         ceiling = loss_label  # never above a configuration with a lower eval loss
         d_base, se_base = g.diff(base) if base is not None else (math.nan, math.nan)
         no_gain = base is not None and d_base > -Z * se_base
-        degenerate = (g.repeat if finite(g.repeat) else 0.0) >= LOOP_RATE or \
-            (g.words if finite(g.words) else 0.0) < SHORT_WORDS
+        # NaN (nothing was generated for: no eval_prompts, heldout_prompts=0) is no evidence of either
+        degenerate = (finite(g.repeat) and g.repeat >= LOOP_RATE) or (finite(g.words) and g.words < SHORT_WORDS)
         out[g.name] = {"quality": "low" if degenerate or no_gain else loss_label, "vs_base": d_base,
                        "vs_base_se": se_base, "vs_best": d_best, "vs_best_se": se_best,
                        "tied_with_best": g is not best and abs(d_best) <= Z * se_best}

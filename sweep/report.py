@@ -15,7 +15,8 @@ from html import escape
 from pathlib import Path
 
 from sweep import sweepdir
-from sweep.summary import TABLE_HEAD, config_rows, load_generations, quality_rule, table_cells
+from sweep.summary import (TABLE_HEAD, compared_on, config_rows, load_generations, quality_rule, table_cells,
+                           truncation_warnings)
 from trainers.config import ADAPTER_DIR, GENERATIONS_MD, METRICS_FILE
 from trainers.entry import log_path
 
@@ -33,8 +34,9 @@ figure { display: inline-block; margin: 0 1em 1em 0; } figure img { max-width: 1
 .gen b { display: block; margin-bottom: .3em; } .ref { background: #eef6ee; } .noend { color: #a60; font-size: 12px; }
 details { margin: .4em 0; } summary { cursor: pointer; } code { background: #f3f3f3; padding: 0 3px; }
 """
-NUMERIC = {"params updated (M)", "eval loss ± SE", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
-           "end marker", "train time (s)", "tokens/s", "peak GPU GiB", "r", "base bits"}
+NUMERIC = {"params updated (M)", "eval loss ± SE", "response loss", "vs base", "perplexity", "ROUGE-L ± SE",
+           "repeat 3-grams", "end marker", "truncated rows", "response lost", "train time (s)", "tokens/s",
+           "peak GPU GiB", "r", "base bits"}
 
 
 def _table(rows: list[dict], metric: str) -> str:
@@ -47,9 +49,11 @@ def _table(rows: list[dict], metric: str) -> str:
         body.append(f'<tr class="{cls}">{cells}</tr>')
     errors = "".join(f"<li><b>{escape(r['trial_id'])}</b>: {escape(r['error'])}</li>" for r in rows
                      if r["status"] != sweepdir.TERMINATED and r["error"])
+    warnings = "".join(f"<li>{escape(w)}</li>" for w in truncation_warnings(rows))
     return (f'<div class="scroll"><table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
             f'</table></div><p>{escape(quality_rule(metric, rows))}</p>'
-            + (f"<p>Errors:</p><ul>{errors}</ul>" if errors else ""))
+            + (f"<p>Errors:</p><ul>{errors}</ul>" if errors else "")
+            + (f"<p>Warnings:</p><ul>{warnings}</ul>" if warnings else ""))
 
 
 def _plots(plots: dict[str, Path]) -> str:
@@ -62,24 +66,25 @@ def _plots(plots: dict[str, Path]) -> str:
     return "".join(figures) or "<p>No plots: no trial finished.</p>"
 
 
-def _generations(out: Path, rows: list[dict]) -> str:
+def _generations(out: Path, rows: list[dict], end_marker: str) -> str:
     gens = load_generations(out, rows)
     order = [r for r in rows if r["trial_id"] in gens]
-    if not order:
+    if not any(gens[r["trial_id"]] for r in order):
         return "<p>No trial produced generations.</p>"
     parts = []
     for i, item in enumerate(gens[order[0]["trial_id"]]):
-        held = "" if item["source"] == "post" else " [held-out]"
+        held = " [held-out]" if item["source"] == "test" else ""
         cards = []
         if item.get("reference"):
             cards.append(f'<div class="gen ref"><b>reference</b>{escape(item["reference"])}</div>')
-        for r in order:
+        for r in [r for r in order if i < len(gens[r["trial_id"]])]:
             g = gens[r["trial_id"]][i]
-            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit"
-            end = "" if g["ended"] else '<span class="noend"> (no end marker)</span>'
+            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
+            missing = "end marker" if end_marker else "end"
+            end = "" if g["ended"] else f'<span class="noend"> (no {missing})</span>'
             cards.append(f'<div class="gen"><b>{escape(r["trial_id"])} ({escape(who)}){end}</b>'
                          f'{escape(g["generation"]) or "(empty)"}</div>')
-        parts.append(f"<h3>{escape(item['product'])} ({escape(item['category'])}){held}</h3>"
+        parts.append(f"<h3>{escape(item['title'])}{held}</h3>"
                      f'<div class="gens">{"".join(cards)}</div>')
     return "".join(parts)
 
@@ -108,7 +113,8 @@ def render(out: Path, manifest: dict, planned, rows: list[dict], plots: dict[str
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     meta = (f"sweep id <code>{escape(manifest['sweep_id'])}</code> · space <code>{escape(str(manifest['space']))}"
             f"</code> · started {escape(manifest.get('created', '-'))} · model <code>{escape(first.model)}</code> · "
-            f"dataset <code>{escape(first.dataset)}</code> · best by {escape(metric)} · "
+            f"dataset <code>{escape(first.dataset)}</code> ({escape(first.data_format)}) · best by "
+            f"{escape(compared_on(rows, metric))} · "
             + ", ".join(f"{n} {escape(s)}" for s, n in counts.items()))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -121,8 +127,9 @@ def render(out: Path, manifest: dict, planned, rows: list[dict], plots: dict[str
 <h2 id="plots">Plots</h2>
 {_plots(plots)}
 <h2 id="generations">Generations, side by side</h2>
-<p>Greedy decoding, max_new_tokens={first.max_new_tokens}, stopping at <code>### End</code>.</p>
-{_generations(out, rows)}
+<p>Greedy decoding, max_new_tokens={first.max_new_tokens}, stopping at {f"<code>{escape(first.marker)}</code>"
+                                                                        if first.marker else "EOS"}.</p>
+{_generations(out, rows, first.marker)}
 <h2 id="trials">Trials: settings, adapter, files, log</h2>
 {_trials(out, planned, rows)}
 <p class="meta">Written {escape(time.strftime('%Y-%m-%d %H:%M:%S'))}.

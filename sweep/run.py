@@ -56,9 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(ray start --address); Ray then listens on every interface: trusted networks only")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the 'base' row (the model before fine-tuning, evaluated like a trial)")
-    p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "perplexity", "rouge_l",
+    p.add_argument("--metric", default="eval_loss", choices=["eval_loss", "response_loss", "perplexity", "rouge_l",
                                                              "repeat_ngram_rate", "end_marker_rate"],
-                   help="measure that picks the best trial (default eval_loss)")
+                   help="measure that picks the best trial (default eval_loss; response_loss when the trials' "
+                        "loss_on differ)")
     p.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failing trial, each from its latest checkpoint (default 1)")
     again = p.add_mutually_exclusive_group()  # one way to treat an existing sweep directory

@@ -6,7 +6,9 @@ not read by a human (``sweep/quality.py`` has the rule). A sweep with ``seeds`` 
 configuration (mean over its seeds); summary.csv keeps one row per trial, with its configuration's numbers
 beside it. The best trial by ``--metric`` (default: lowest eval loss) is marked with ``*``. A trial that early stopping
 or a budget ended (STOPPED) shows its last eval loss and the step of it, but is never "best" and gets no
-quality: it trained fewer steps and made no generations.
+quality: it trained fewer steps and made no generations. When the trials take their loss on different
+tokens (``loss_on`` differs), their eval losses are not comparable, and the rules above use the response
+loss instead, which every trial measures on the same tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from trainers.config import GENERATIONS_JSON, HELDOUT_FILE, perplexity
 HYPER = ("lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
          "gradient_checkpointing")
 CSV_COLUMNS = [
-    "trial_id", "r", "target_modules", "bits", *HYPER, "trainable_params", "total_params", "trainable_pct",
-    "eval_loss", "eval_loss_se", "perplexity", "rouge_l", "rouge_l_se", "repeat_ngram_rate", "end_marker_rate",
+    "trial_id", "r", "target_modules", "bits", "loss_on", *HYPER, "trainable_params", "total_params",
+    "trainable_pct", "eval_loss", "eval_loss_se", "response_loss", "response_loss_se", "perplexity", "rouge_l",
+    "rouge_l_se", "repeat_ngram_rate", "end_marker_rate", "truncated_rows", "truncated_pct", "response_lost_pct",
     "train_seconds", "tokens_per_second", "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best",
     "device", "gpu_uuid", "error",
     # the trial's configuration (all its seeds): what the quality rule judges
@@ -36,10 +39,16 @@ CSV_COLUMNS = [
     "config_rouge_l_sd", "vs_best", "vs_best_se", "vs_base", "vs_base_se",
 ]
 # --metric choices: which way is better for each
-METRICS = {"eval_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min, "end_marker_rate": max}
+METRICS = {"eval_loss": min, "response_loss": min, "perplexity": min, "rouge_l": max, "repeat_ngram_rate": min,
+           "end_marker_rate": max}
+# A trial whose max_seq_length cuts more than this share of its train rows or of their response tokens gets
+# a warning line (the post's data cuts 3.4% of rows at 256 tokens with the 32k tokenizer; each cut row also
+# loses its end marker, the post's measure of a finished answer).
+TRUNCATION_WARN_PCT = 2.0
 # Measures shown as they are named in TrialResult, and those whose column is named differently.
-MEASURES = ("eval_loss", "eval_loss_se", "perplexity", "rouge_l", "rouge_l_se", "repeat_ngram_rate", "end_marker_rate",
-            "gen_mean_words", "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
+MEASURES = ("eval_loss", "eval_loss_se", "response_loss", "response_loss_se", "perplexity", "rouge_l", "rouge_l_se",
+            "repeat_ngram_rate", "end_marker_rate", "gen_mean_words", "truncated_rows", "truncated_pct",
+            "response_tokens_lost", "response_lost_pct", "dropped_rows", "train_examples", "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
 RENAMED = {"tokens_per_second": "train_tokens_per_second", "device": "device_name"}
 
 
@@ -64,7 +73,8 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], m
             measures.update(eval_loss=o.eval_loss, perplexity=perplexity(o.eval_loss))
         rows.append({
             "trial_id": p.cfg.name, "r": p.cfg.r, "target_modules": " ".join(p.cfg.target_modules),
-            "targets": p.cfg.targets_label, "bits": p.cfg.bits, **{h: getattr(p.cfg, h) for h in HYPER},
+            "targets": p.cfg.targets_label, "bits": p.cfg.bits, "loss_on": p.cfg.loss_on,
+            "max_seq_length": p.cfg.max_seq_length, **{h: getattr(p.cfg, h) for h in HYPER},
             "trainable_params": trainable, "total_params": total,
             "trainable_pct": res.trainable_pct if res else 100.0 * trainable / total,
             **measures, "status": o.status, "steps": o.steps, "stop_reason": o.reason, "error": o.error,
@@ -74,12 +84,20 @@ def build_rows(planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], m
     return rows
 
 
+def compared_on(rows: list[dict], metric: str = "eval_loss") -> str:
+    """The loss trials are compared on: ``metric``, except that eval losses taken on different tokens (the
+    trials' loss_on differs) are not comparable, and then it is the response loss."""
+    mixed = len({r["loss_on"] for r in rows if not r["baseline"]}) > 1
+    return "response_loss" if mixed and metric in ("eval_loss", "perplexity") else metric
+
+
 def pick_best(rows: list[dict], metric: str) -> dict | None:
     """The one rule for "best": among finished trials (never the base row), the configuration best by
-    ``metric`` on average over its seeds, and its seed best by ``metric``. The table marks it and summary.csv
-    records it, so export ships the trial the table starred."""
+    ``metric`` (as ``compared_on`` reads it) on average over its seeds, and its seed best by it. The table marks
+    it and summary.csv records it, so export ships the trial the table starred."""
+    metric, loss = compared_on(rows, metric), compared_on(rows)
     ranked = [r for r in rows if not r["baseline"] and r["status"] == sweepdir.TERMINATED
-              and _finite(r["eval_loss"]) and _finite(r[metric])]
+              and _finite(r[loss]) and _finite(r[metric])]
     if not ranked:
         return None
     configs: dict[str, list[dict]] = {}
@@ -89,16 +107,24 @@ def pick_best(rows: list[dict], metric: str) -> dict | None:
     return METRICS[metric](best, key=lambda r: r[metric])
 
 
-def _add_quality(rows: list[dict], metric: str, heldout: dict[str, dict]) -> None:
-    finished = [r for r in rows if r["status"] == sweepdir.TERMINATED and _finite(r["eval_loss"])]
+def _groups(rows: list[dict], heldout: dict[str, dict], loss: str) -> tuple[Group | None, dict[str, Group]]:
+    """The base model's group and each configuration's, over their finished trials with a finite ``loss``."""
+    finished = [r for r in rows if r["status"] == sweepdir.TERMINATED and _finite(r[loss])]
     base_rows = [r for r in finished if r["baseline"]]
-    base = Group("base", base_rows[:1], heldout) if base_rows else None
+    base = Group("base", base_rows[:1], heldout, loss) if base_rows else None
     names = list(dict.fromkeys(r["config"] for r in rows if not r["baseline"]))
-    groups = {n: Group(n, [r for r in finished if r["config"] == n and not r["baseline"]], heldout) for n in names}
+    return base, {n: Group(n, [r for r in finished if r["config"] == n and not r["baseline"]], heldout, loss)
+                  for n in names}
+
+
+def _add_quality(rows: list[dict], metric: str, heldout: dict[str, dict]) -> None:
+    loss = compared_on(rows)  # the eval loss, or the response loss when the trials' loss_on differs
+    base, groups = _groups(rows, heldout, loss)
+    shown = (base, groups) if loss == "eval_loss" else _groups(rows, heldout, "eval_loss")  # the eval loss column
     verdicts = assess([g for g in groups.values() if g.n], base)
     best = pick_best(rows, metric)
     for r in rows:
-        g = base if r["baseline"] else groups[r["config"]]
+        g = shown[0] if r["baseline"] else shown[1][r["config"]]
         verdict = {} if r["baseline"] else verdicts.get(r["config"], {})
         known = g is not None and g.n > 0  # a configuration with a finished trial (not only STOPPED / failed ones)
         stats = dict(seeds=g.n if known else 0, config_eval_loss=g.loss if known else None,
@@ -123,10 +149,10 @@ def _fmt(x, spec: str) -> str:
 
 
 def table_head(extra: list[str] = ()) -> list[str]:
-    """The table's columns; ``extra``: settings that vary between the trials (``varied``), after base bits."""
-    return ["trial", "r", "target_modules", "base bits", *extra, "quality", "params updated (M)", "eval loss ± SE",
-            "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams", "end marker", "train time (s)", "tokens/s",
-            "peak GPU GiB", "device", "status"]
+    """The table's columns; ``extra``: settings that vary between the trials (``varied``), after loss on."""
+    return ["trial", "r", "target_modules", "base bits", "loss on", *extra, "quality", "params updated (M)",
+            "eval loss ± SE", "response loss", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
+            "end marker", "truncated rows", "response lost", "train time (s)", "tokens/s", "peak GPU GiB", "device", "status"]
 
 
 TABLE_HEAD = table_head()
@@ -180,31 +206,39 @@ def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
     grouped = _finite(r.get("config_eval_loss"))
     loss = r["config_eval_loss"] if grouped else r["eval_loss"]
     spread = r["config_eval_loss_sd"] if grouped else None
+    cut = f"{r['truncated_rows']:,} ({r['truncated_pct']:.1f}%)" if _finite(r["truncated_pct"]) else "-"
     return [
         r.get("label", r["trial_id"]) + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
-        "(no adapter)" if r["baseline"] else targets, str(r["bits"]),
+        "(no adapter)" if r["baseline"] else targets, str(r["bits"]), r["loss_on"],
         *("-" if r["baseline"] else format(r[h], ".3g") if isinstance(r[h], float) else str(r[h]) for h in extra),
         r["quality"],
         f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})",
         _pm(loss, r.get("config_eval_loss_se"), ".4f") + (f" (sd {spread:.4f})" if _finite(spread) else ""),
+        _fmt(r["response_loss"], ".4f"),
         _pm(r["vs_base"], r.get("vs_base_se"), "+.4f"), _fmt(perplexity(loss) if _finite(loss) else None, ".2f"),
         _pm(r["config_rouge_l"] if grouped else r["rouge_l"], r.get("config_rouge_l_se"), ".3f"),
-        _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), _fmt(r["train_seconds"], ".1f"),
-        _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"), device or "-", _status(r),
+        _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), cut,
+        _fmt(r["response_lost_pct"], ".1f") + ("%" if _finite(r["response_lost_pct"]) else ""),
+        _fmt(r["train_seconds"], ".1f"), _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["peak_gpu_mem_gb"], ".2f"),
+        device or "-", _status(r),
     ]
 
 
 def quality_rule(metric: str, rows: list[dict] = ()) -> str:
+    loss = compared_on(rows)
+    name = loss.replace("_", " ")
+    mixed = (f" The trials take their loss on different tokens (loss on), so they are compared, and vs base is "
+             f"computed, on the {name}, which each measures on the response's tokens.") if loss != "eval_loss" else ""
     tied = sorted({r["config"] for r in rows if r.get("tied_with_best")})
-    return (f"`*` best by {metric} (with several seeds: the best configuration on average, and its best seed). "
-            "± is one standard error: over held-out examples for eval loss, and paired example by example for "
-            "vs base; over the rows generated for ROUGE-L (over seeds when there are several); sd is the spread "
-            "over seeds. quality: high = eval loss within 2% of the best configuration's, or within noise of it "
+    return (f"`*` best by {compared_on(rows, metric)} (with several seeds: the best configuration on average, and "
+            f"its best seed). ± is one standard error: over held-out examples for eval loss, and paired example by "
+            "example for vs base; over the rows generated for ROUGE-L (over seeds when there are several); sd is the "
+            f"spread over seeds. quality: high = {name} within 2% of the best configuration's, or within noise of it "
             "(2 standard errors of the difference, seed spread included); medium = within 10%, likewise; low = "
-            "the rest, not better than base beyond noise, or generations that loop (>= 50% repeated token "
-            "3-grams) or are very short (< 5 words). No configuration is labelled above one with a lower eval "
-            "loss. STOPPED trials (early stopping or a budget) show their last eval loss @ its step and are not "
-            "ranked." + (f" Eval loss within noise of the lowest: {', '.join(tied)}." if tied else ""))
+            f"the rest, a {name} not better than base beyond noise, or generations that loop (>= 50% repeated token "
+            f"3-grams) or are very short (< 5 words). No configuration is labelled above one with a lower {name}. "
+            "STOPPED trials (early stopping or a budget) show their last eval loss @ its step and are not ranked."
+            + mixed + (f" {name.capitalize()} within noise of the lowest: {', '.join(tied)}." if tied else ""))
 
 
 def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
@@ -220,8 +254,30 @@ def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
             f"- {c}: " + ", ".join(f"{r['eval_loss']:.4f} (seed {r['seed']})" for r in rows
                                    if r["config"] == c and _finite(r["eval_loss"]))
             for c in dict.fromkeys(r["config"] for r in rows if r["seeds"] > 1)]]
+    if warnings := truncation_warnings(rows):
+        lines += ["", "Warnings:", *(f"- {w}" for w in warnings)]
     lines += ["", quality_rule(metric, rows)]
     return "\n".join(lines) + "\n"
+
+
+def truncation_warnings(rows: list[dict]) -> list[str]:
+    """One line per distinct cut (trials on the same data, tokenizer and max_seq_length share theirs) that
+    loses more than TRUNCATION_WARN_PCT of the train rows or of their response tokens."""
+    found: dict[tuple, list[str]] = {}
+    for r in rows:
+        pcts = [x for x in (r["truncated_pct"], r["response_lost_pct"]) if _finite(x)]
+        if pcts and max(pcts) > TRUNCATION_WARN_PCT:
+            key = (r["max_seq_length"], r["truncated_rows"], r["train_examples"], r["response_lost_pct"],
+                   r["dropped_rows"])
+            found.setdefault(key, []).append(r["trial_id"])
+    out = []
+    for (length, cut, rows_, lost, dropped), names in found.items():
+        lost_text = f", {lost:.1f}% of their response tokens" if _finite(lost) else ""
+        drop_text = f"; {dropped:,} rows kept nothing to learn from and were dropped" if dropped else ""
+        out.append(f"max_seq_length={length} cuts {cut:,} of {rows_:,} train rows ({100 * cut / rows_:.1f}%)"
+                   f"{lost_text}, and the cut rows lose their endings{drop_text} ({', '.join(names)}); raise "
+                   "max_seq_length or shorten the data")
+    return out
 
 
 def dry_run_table(planned: list[PlannedTrial]) -> str:
@@ -240,20 +296,24 @@ def dry_run_table(planned: list[PlannedTrial]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_new_tokens: int) -> str:
+def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_new_tokens: int,
+                     end_marker: str = "### End") -> str:
     """Every prompt, with the base model's and each trial's generation side by side (DIR/samples.md)."""
     order = [r for r in rows if r["trial_id"] in generations]
-    if not order:
+    if not any(generations[r["trial_id"]] for r in order):
         return "# Samples\n\nNo trial produced generations.\n"
-    lines = ["# Samples", "", f"Greedy decoding, max_new_tokens={max_new_tokens}, stopping at `### End`.", ""]
+    stop = f"`{end_marker}`" if end_marker else "EOS"
+    lines = ["# Samples", "", f"Greedy decoding, max_new_tokens={max_new_tokens}, stopping at {stop}.", ""]
     for i, item in enumerate(generations[order[0]["trial_id"]]):
-        lines += [f"## {item['product']} ({item['category']})" + ("" if item["source"] == "post" else " [held-out]"), ""]
+        lines += [f"## {item['title']}" + (" [held-out]" if item["source"] == "test" else ""), ""]
         if item.get("reference"):
             lines += ["**reference**", "", "> " + item["reference"].replace("\n", "\n> "), ""]
         for r in order:
+            if i >= len(generations[r["trial_id"]]):
+                continue
             gen = generations[r["trial_id"]][i]
-            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit"
-            end = "" if gen["ended"] else " _(no end marker)_"
+            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
+            end = "" if gen["ended"] else f" _(no {'end marker' if end_marker else 'end'})_"
             text = gen["generation"].replace("\n", "\n> ") or "(empty)"
             lines += [f"**{r['trial_id']}** ({who}){end}", "", "> " + text, ""]
     return "\n".join(lines)
@@ -292,13 +352,15 @@ def _read_heldout(path: Path) -> dict | None:
 
 
 def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], *, title: str,
-                  metric: str, max_new_tokens: int) -> tuple[list[dict], str]:
+                  metric: str) -> tuple[list[dict], str]:
     """summary.csv, summary.md and samples.md in the sweep directory; returns the rows and the markdown."""
     rows = build_rows(planned, outcomes, metric, load_heldout(out, outcomes))
     write_csv(rows, out / "summary.csv")
     md = to_markdown(rows, title, metric)
     sweepdir.write_text(out / "summary.md", md)
-    sweepdir.write_text(out / "samples.md", samples_markdown(rows, load_generations(out, rows), max_new_tokens))
+    first = planned[0].cfg
+    sweepdir.write_text(out / "samples.md", samples_markdown(rows, load_generations(out, rows), first.max_new_tokens,
+                                                             first.marker))
     return rows, md
 
 

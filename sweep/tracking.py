@@ -26,7 +26,7 @@ SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "lora_sweep.sweep_id", "lora_sweep.trial_fp", "
 ERROR_TAG, STOPPED_TAG = "lora_sweep.error", "lora_sweep.stopped"
 TRIAL_PARAMS = ("r", "bits", "lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size",
                 "grad_accum", "model", "dataset", "max_seq_length", "train_samples", "seed", "seeds", "device",
-                "max_new_tokens", "eval_every")
+                "max_new_tokens", "eval_every", "data_format", "loss_on", "dataset_split", "dataset_subset")
 STEP_METRICS = ("loss", "learning_rate", "tokens_per_second")
 SYSTEM_PREFIX = "system/"  # where MLflow's own system metrics live, so its "System metrics" charts show ours
 # The experiment kind MLflow's UI reads to open an experiment on its runs rather than on the GenAI trace
@@ -40,6 +40,11 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params["target_modules"] = ",".join(cfg.target_modules)
     params["generation"] = "greedy"
     params["train_seed"], params["config"] = str(cfg.train_seed), cfg.group  # seed repeats share "config"
+    params["template"] = cfg.template or "(the format's own)"
+    params["end_marker"] = cfg.marker or "(none: EOS)"
+    params["chat_template"] = "(the space's)" if cfg.chat_template else "(the tokenizer's)"
+    if cfg.columns:
+        params["columns"] = ",".join(f"{k}:{v}" for k, v in sorted(cfg.columns.items()))
     return params
 
 

@@ -80,9 +80,9 @@ def make_result(**values):
     from trainers.config import TrialResult
 
     defaults = dict(trainable_params=100, total_params=1000, trainable_pct=10.0, eval_loss=2.0, eval_loss_se=0.01,
-                    response_loss=2.5, perplexity=7.39, truncated_rows=0, truncated_pct=0.0, response_tokens_lost=0,
-                    response_lost_pct=0.0, dropped_rows=0, rouge_l=0.2, rouge_l_se=0.05, repeat_ngram_rate=0.1,
-                    end_marker_rate=0.5, gen_mean_words=40.0, setup_seconds=1.0,
+                    response_loss=2.5, response_loss_se=0.01, perplexity=7.39, truncated_rows=0, truncated_pct=0.0,
+                    response_tokens_lost=0, response_lost_pct=0.0, dropped_rows=0, rouge_l=0.2, rouge_l_se=0.05,
+                    repeat_ngram_rate=0.1, end_marker_rate=0.5, gen_mean_words=40.0, setup_seconds=1.0,
                     train_seconds=1.0, eval_seconds=0.1, generate_seconds=0.1, train_tokens=100,
                     train_tokens_per_second=100.0, peak_gpu_mem_gb=0.0, train_loss_first=3.0, train_loss_last=2.0,
                     train_steps=10, train_examples=90, test_examples=10, bnb_layers=0, dataset_fingerprint="0" * 16,

@@ -525,6 +525,8 @@ class TrialResult:
     response_loss: float = _tracked("metric")
     """Held-out loss per response token (completion, assistant turns; every token of ``text``): the same
     tokens whatever ``loss_on`` is, so trials that differ in it compare on this."""
+    response_loss_se: float = _tracked("metric")
+    """Standard error of response_loss over the held-out examples."""
     perplexity: float = _tracked("metric")
     rouge_l: float = _tracked("metric")
     rouge_l_se: float = _tracked("metric")

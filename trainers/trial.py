@@ -253,7 +253,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
         eval_loss=eval_loss, eval_loss_se=losses["eval"].se, response_loss=losses["response"].mean,
-        perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
+        response_loss_se=losses["response"].se, perplexity=perplexity(eval_loss), setup_seconds=setup_seconds,
         train_seconds=t.seconds, eval_seconds=eval_seconds, generate_seconds=generate_seconds, train_tokens=t.tokens,
         train_tokens_per_second=t.tokens / t.seconds if t.tokens else 0.0,
         peak_gpu_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,

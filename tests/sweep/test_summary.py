@@ -1,4 +1,4 @@
-"""The summary table: quality rule, best marker, csv columns."""
+"""The summary table: quality rule, best marker, csv columns, loss_on, what max_seq_length cut."""
 
 import csv
 import json
@@ -13,15 +13,16 @@ from trainers.config import TrialConfig
 from trainers.stats import ratio_se
 
 
-def planned(name, r=8, baseline=False):
+def planned(name, r=8, baseline=False, loss_on="all"):
     cfg = TrialConfig(name=name, index=0, model="m", dataset="d", r=r, targets="attention", bits=4,
-                      target_modules=("q_proj", "v_proj"), baseline=baseline)
+                      target_modules=("q_proj", "v_proj"), baseline=baseline, loss_on=loss_on)
     return PlannedTrial(cfg, 0 if baseline else 100, 1000)
 
 
-def done(loss, repeat=0.1, words=40.0, rouge=0.2, trainable=100) -> TrialOutcome:
+def done(loss, repeat=0.1, words=40.0, rouge=0.2, trainable=100, **more) -> TrialOutcome:
     return TrialOutcome(TERMINATED, make_result(eval_loss=loss, perplexity=2.0, repeat_ngram_rate=repeat,
-                                                gen_mean_words=words, rouge_l=rouge, trainable_params=trainable))
+                                                gen_mean_words=words, rouge_l=rouge, trainable_params=trainable,
+                                                **more))
 
 
 def test_quality_rule_and_best_marker(tmp_path):
@@ -64,7 +65,7 @@ def test_baseline_row_gives_deltas_and_caps_quality():
     assert rows[0]["vs_base"] is None
     assert [r["best"] for r in rows] == [False, False, False, True]  # best by ROUGE-L, never the base row
     md = to_markdown(rows, "t", "rouge_l")
-    assert "| base | - | (no adapter) | 4 | base | 0.000 (0) |" in md and "best by rouge_l" in md
+    assert "| base | - | (no adapter) | 4 | all | base | 0.000 (0) |" in md and "best by rouge_l" in md
     assert "| -1.0000 ± 0.0141 |" in md  # no heldout.json here: unpaired, sqrt(0.01^2 + 0.01^2)
 
 
@@ -163,3 +164,41 @@ def test_a_damaged_heldout_json_falls_back_to_unpaired_errors(tmp_path, content)
     rows = build_rows([planned("a"), planned("b")], outcomes, heldout=load_heldout(tmp_path, outcomes))
     assert rows[0]["config_eval_loss_se"] == pytest.approx(ratio_se(good["sums"], good["counts"]))
     assert rows[1]["config_eval_loss_se"] == pytest.approx(0.01)  # unpaired: the trial's own SE (metrics.json)
+def test_trials_with_different_loss_on_are_compared_on_the_response_loss(tmp_path):
+    """A completion-only trial's eval loss is taken on other tokens than a whole-text trial's: the star, the
+    quality and vs base then come from the response loss, which all of them measure on the same tokens."""
+    ps = [planned("base", baseline=True), planned("whole"), planned("answer", loss_on="completion")]
+    precise = dict(response_loss_se=0.001)  # differences far beyond noise: the gaps alone decide
+    rows = build_rows(ps, {"base": done(3.0, response_loss=3.5, **precise),
+                           "whole": done(1.0, response_loss=2.0, **precise),
+                           "answer": done(1.9, response_loss=1.8, **precise)})
+    assert [r["best"] for r in rows] == [False, False, True]  # not "whole", whose eval loss is lowest
+    assert [r["quality"] for r in rows] == ["base", "low", "high"]  # 2.0 is 11% above the best 1.8
+    assert [r["vs_base"] for r in rows][1:] == [2.0 - 3.5, 1.8 - 3.5]
+    md = to_markdown(rows, "t")
+    assert "best by response_loss" in md and "vs base (response)" in md and "| answer * |" in md
+    assert "| whole | 8 | attention (q_proj, v_proj) | 4 | all |" in md
+    assert "| answer * | 8 | attention (q_proj, v_proj) | 4 | completion |" in md
+    write_csv(rows, tmp_path / "s.csv")
+    table = read_csv(tmp_path / "s.csv")
+    assert [table[n]["loss_on"] for n in ("base", "whole", "answer")] == ["all", "all", "completion"]
+    assert table["answer"]["response_loss"] == "1.8"
+    same = build_rows([planned("a"), planned("b")], {"a": done(1.0, response_loss=2.0), "b": done(1.1, response_loss=1.0)})
+    assert [r["best"] for r in same] == [True, False]  # one loss_on: eval loss, as the post
+
+
+def test_a_cut_of_more_than_two_percent_is_a_warning_line():
+    from sweep.summary import truncation_warnings
+
+    ps = [planned("base", baseline=True), planned("a"), planned("b", r=16)]
+    cut = dict(truncated_rows=151, truncated_pct=100 * 151 / 4500, train_examples=4500, response_tokens_lost=3896,
+               response_lost_pct=0.93)
+    rows = build_rows(ps, {"base": done(3.0, **cut), "a": done(2.0, **cut), "b": done(2.1, **cut)})
+    assert truncation_warnings(rows) == [
+        "max_seq_length=256 cuts 151 of 4,500 train rows (3.4%), 0.9% of their response tokens, and the cut rows "
+        "lose their endings (base, a, b); raise max_seq_length or shorten the data"]
+    md = to_markdown(rows, "t")
+    assert "| 151 (3.4%) | 0.9% |" in md and "Warnings:\n- max_seq_length=256 cuts 151 of 4,500" in md
+    small = dict(cut, truncated_rows=40, truncated_pct=100 * 40 / 4500)
+    assert truncation_warnings(build_rows(ps, {"a": done(2.0, **small)})) == []
+    assert "Warnings" not in to_markdown(build_rows(ps, {"a": done(2.0, **small)}), "t")
