@@ -79,7 +79,8 @@ def _generations(out: Path, rows: list[dict], end_marker: str) -> str:
             cards.append(f'<div class="gen ref"><b>reference</b>{escape(item["reference"])}</div>')
         for r in [r for r in order if i < len(gens[r["trial_id"]])]:
             g = gens[r["trial_id"]][i]
-            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
+            who = "base model" if r["baseline"] else \
+                f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
             missing = "end marker" if end_marker else "end"
             end = "" if g["ended"] else f'<span class="noend"> (no {missing})</span>'
             cards.append(f'<div class="gen"><b>{escape(r["trial_id"])} ({escape(who)}){end}</b>'

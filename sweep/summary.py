@@ -312,7 +312,8 @@ def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_n
             if i >= len(generations[r["trial_id"]]):
                 continue
             gen = generations[r["trial_id"]][i]
-            who = "base model" if r["baseline"] else f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
+            who = "base model" if r["baseline"] else \
+                f"r={r['r']}, {r['targets']}, {r['bits']}-bit, loss on {r['loss_on']}"
             end = "" if gen["ended"] else f" _(no {'end marker' if end_marker else 'end'})_"
             text = gen["generation"].replace("\n", "\n> ") or "(empty)"
             lines += [f"**{r['trial_id']}** ({who}){end}", "", "> " + text, ""]

@@ -333,7 +333,8 @@ class TrialConfig(Settings):
 
     def _prompt_shape(self) -> str:
         if self.data_format == "messages":
-            return "must be a list of prompts, each a string or a list of {role, content} messages ending with a user turn"
+            return ("must be a list of prompts, each a string or a list of {role, content} messages ending with a "
+                    "user turn")
         needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
         one = f" or a string (the {needed[0]})" if len(needed) == 1 else ""
         return f"must be a list of prompts, each a dict of {', '.join(self.prompt_fields)} as text{one}"

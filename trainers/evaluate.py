@@ -145,7 +145,8 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     a conversation through the chat template, ready for the assistant's turn."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
 
 
 def eos_ids(model, tokenizer) -> list[int]:

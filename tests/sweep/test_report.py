@@ -96,8 +96,8 @@ def test_report_is_self_contained_and_escapes_what_it_shows(sweep):
     (out / "logs" / "r8.log").write_text("log")
     adapter = out / "trials" / "r8" / "adapter"
     adapter.mkdir(parents=True)
-    gens = [{"product": "Mouse", "category": "Optical Mouse", "source": "post", "generation": "A <b>mouse</b>",
-             "ended": True, "reference": ""}]
+    gens = [{"title": "Mouse (Optical Mouse)", "prompt": "Describe: Mouse", "source": "space",
+             "generation": "A <b>mouse</b>", "ended": True, "reference": ""}]
     for name in ("base", "r8", "r16"):
         (out / "trials" / name).mkdir(parents=True, exist_ok=True)
         (out / "trials" / name / "generations.json").write_text(json.dumps(gens))
@@ -108,5 +108,6 @@ def test_report_is_self_contained_and_escapes_what_it_shows(sweep):
     assert page.count("<tr class=") == 4  # one table row per trial, base first
     assert "RuntimeError: &lt;boom&gt; &amp; co" in page and "A &lt;b&gt;mouse&lt;/b&gt;" in page
     assert page.count('<div class="gen">') == 3  # the prompt's generations side by side: base, r8, r16
+    assert "<h3>Mouse (Optical Mouse)</h3>" in page
     assert 'href="trials/r8/adapter"' in page and 'href="logs/r8.log"' in page
     assert 'href="logs/r16.log"' not in page  # links only to files that exist

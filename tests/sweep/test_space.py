@@ -86,7 +86,8 @@ def test_bad_values_name_file_trial_and_field(tmp_path, trial, field, says):
     ("data_format='prompt_completion', template='{prompt} {completion}'", "template",
      "must not contain the response field {completion}"),
     ("data_format='messages', end_marker='END'", "end_marker", "does not apply to the messages format"),
-    ("eval_prompts=['Corelogic Smooth Mouse']", "eval_prompts", "must be a list of prompts, each a dict of product, category as text"),
+    ("eval_prompts=['Corelogic Smooth Mouse']", "eval_prompts",
+     "must be a list of prompts, each a dict of product, category as text"),
     ("dataset_split=''", "dataset_split", "must be a split name"),
 ])
 def test_bad_data_settings_name_file_trial_and_field(tmp_path, settings, field, says):

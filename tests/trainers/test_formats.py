@@ -22,8 +22,9 @@ CASES = {
                         "Mouse, belonging to category: Optical Mouse\n\n### Response:\n",
               "completion": "Smooth.\n### End"}, "Smooth.", "Mouse (Optical Mouse)"),
     "alpaca with input": (dict(data_format="alpaca"), {"instruction": "Sum.", "input": "2 and 3", "output": "5"},
-                          {"prompt": "Below is an instruction that describes a task, paired with an input that provides "
-                                     "further context. Write a response that appropriately completes the request.\n\n"
+                          {"prompt": "Below is an instruction that describes a task, paired with an input that "
+                                     "provides further context. Write a response that appropriately completes the "
+                                     "request.\n\n"
                                      "### Instruction:\nSum.\n\n### Input:\n2 and 3\n\n### Response:\n",
                            "completion": "5"}, "5", "Sum."),
     "alpaca without input": (dict(data_format="alpaca"), {"instruction": "Say hi.", "input": None, "output": "Hi"},

@@ -134,8 +134,8 @@ def shaped_files(tmp_path_factory):
 
 
 # Each format and what the loss is taken on. max_seq_length=200 cuts most rows (160-530 tokens with the tiny
-# tokenizer; 128 for the 100-263-token conversations) but not all; 104 leaves some of the post's 94-114-token prompts alone, with nothing to learn from
-# under a completion-only loss (TRL drops those rows).
+# tokenizer; 128 for the 100-263-token conversations) but not all; 104 leaves some of the post's 94-114-token
+# prompts alone, with nothing to learn from under a completion-only loss (TRL drops those rows).
 FORMAT_CASES = {
     "post, all": dict(),
     "post, completion": dict(loss_on="completion"),
