@@ -180,7 +180,13 @@ CASES = {
     "dataset mapped to a missing column": (
         lambda t: space(t, settings="data_format='alpaca', columns={'instruction': 'question'}") + [
             "--set", "dataset=" + data_file(t, "a.jsonl", b'{"q": "x", "output": "y"}\n')],
-        "field 'dataset': dataset '{}' lacks column(s) question (columns maps instruction to it) for the alpaca format"),
+        "field 'dataset': dataset '{}' lacks column(s) question (columns maps instruction to it) for the alpaca "
+        "format"),
+    "null in a mapped column": (
+        lambda t: space(t, settings="data_format='alpaca', columns={'output': 'answer'}") + [
+            "--set", "dataset=" + data_file(t, "a.jsonl", b'{"instruction": "i", "answer": "x"}\n' * 3
+                                            + b'{"instruction": "i", "answer": null}\n')],
+        "a.jsonl': line 4: field 'answer' is missing or null"),
     "dataset row unusable": (
         lambda t: space(t, settings="data_format='messages'") + ["--set", "dataset=" + data_file(
             t, "m.jsonl", b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'

@@ -75,6 +75,19 @@ def test_local_files_of_every_kind_load_the_same_rows(tmp_path, name):
     assert (ds["instruction"], ds["output"]) == ([r["instruction"] for r in ROWS], [r["output"] for r in ROWS])
 
 
+@pytest.mark.parametrize("name, content, says", [
+    ("d.jsonl.gz", gzip.compress(b'{"text": "a"}\n{"text": \n'), "line 2: not valid JSON"),
+    ("d.csv.xz", lzma.compress("text\n\u00e9\n".encode("latin-1")), "line 2: not UTF-8 text (byte 0xe9)"),
+    ("d.jsonl.bz2", b"not bzip2", "cannot read it"),
+])
+def test_compressed_files_are_checked_line_by_line(tmp_path, name, content, says):
+    """The driver's line checks read a compressed file as datasets will: decompressed."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        check_available(tiny_cfg(dataset=str(tmp_path / name), data_format="text"))
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
 def test_parquet_and_a_split_slice(tmp_path):
     import pandas
 

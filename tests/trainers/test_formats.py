@@ -88,6 +88,15 @@ def test_the_formats_own_data_builds_splits(tmp_path):
     (dict(data_format="messages"), [{"messages": [{"role": "user", "content": "x"}]}],
      "line 1: field 'messages' needs an assistant message after another message"),
     (dict(data_format="text"), [{"text": "fine"}, {"text": 7}], "line 2: field 'text' is '7' (int), not text"),
+    # the columns the format reads, by the dataset's names; an optional one may be empty but must be text
+    (dict(data_format="alpaca", columns={"output": "answer"}), [{"instruction": "a", "answer": "b"},
+                                                                {"instruction": "c", "answer": None}],
+     "line 2: field 'answer' is missing or null"),
+    (dict(data_format="alpaca"), [{"instruction": "a", "input": 5, "output": "b"}],
+     "line 1: field 'input' is '5' (int), not text"),
+    # a slice of the file: its rows are no longer the file's lines
+    (dict(data_format="text", dataset_split="train[1:]"), [{"text": "a"}, {"text": "b"}, {"text": ""}],
+     "row 2: field 'text' is empty"),
 ])
 def test_bad_data_is_refused_with_one_line_naming_line_and_field(tmp_path, settings, rows, says):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
