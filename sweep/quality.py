@@ -4,6 +4,7 @@ rule that uses it (``sweep/summary.py`` lays out the table; the formulas are in 
 Two kinds of noise separate one number from the one a rerun would give:
   held-out  the test split is a sample of examples. Two trials measured on the same split are compared
             *paired*, example by example, from the per-example losses each trial leaves in heldout.json
+            (for each loss: the eval loss, and the response loss that trials differing in loss_on compare on)
             (unpaired, sqrt(SE_a^2 + SE_b^2), when those are missing).
   seeds     training itself is random (LoRA init, dropout, data order). Only a sweep with ``seeds`` > 1
             measures it: a configuration's number is then the mean over its seeds, its spread the sample
@@ -38,6 +39,12 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def per_example(heldout: dict | None, loss: str) -> dict | None:
+    """A trial's heldout.json narrowed to one loss: row_ids, sums and counts (None when it has not that loss)."""
+    one = (heldout or {}).get("losses", {}).get(loss)
+    return {"row_ids": heldout["row_ids"], **one} if one else None
+
+
 class Group:
     """One configuration: its finished runs (one per seed) and their statistics."""
 
@@ -54,7 +61,7 @@ class Group:
         self.rouge_se = self.rouge_sd / math.sqrt(self.n) if self.n >= 2 else one
         self.repeat = _mean(r["repeat_ngram_rate"] for r in runs)
         self.words = _mean(r["gen_mean_words"] for r in runs)
-        per_run = [heldout.get(r["trial_id"]) if loss == "eval_loss" else None for r in runs]
+        per_run = [per_example(heldout.get(r["trial_id"]), loss) for r in runs]
         self.sums = None  # per-example summed losses averaged over seeds, when every run left them
         if runs and all(per_run) and len({tuple(h["row_ids"]) for h in per_run}) == 1:
             self.row_ids, self.counts = per_run[0]["row_ids"], per_run[0]["counts"]

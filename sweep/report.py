@@ -34,7 +34,7 @@ figure { display: inline-block; margin: 0 1em 1em 0; } figure img { max-width: 1
 .gen b { display: block; margin-bottom: .3em; } .ref { background: #eef6ee; } .noend { color: #a60; font-size: 12px; }
 details { margin: .4em 0; } summary { cursor: pointer; } code { background: #f3f3f3; padding: 0 3px; }
 """
-NUMERIC = {"params updated (M)", "eval loss ± SE", "response loss", "vs base", "perplexity", "ROUGE-L ± SE",
+NUMERIC = {"params updated (M)", "eval loss ± SE", "response loss ± SE", "vs base", "perplexity", "ROUGE-L ± SE",
            "repeat 3-grams", "end marker", "truncated rows", "response lost", "train time (s)", "tokens/s",
            "peak GPU GiB", "r", "base bits"}
 

@@ -35,7 +35,8 @@ CSV_COLUMNS = [
     "train_seconds", "tokens_per_second", "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best",
     "device", "gpu_uuid", "error",
     # the trial's configuration (all its seeds): what the quality rule judges
-    "config", "seed", "seeds", "config_eval_loss", "config_eval_loss_se", "config_eval_loss_sd", "config_rouge_l",
+    "config", "seed", "seeds", "config_eval_loss", "config_eval_loss_se", "config_eval_loss_sd",
+    "config_response_loss", "config_response_loss_se", "config_response_loss_sd", "config_rouge_l",
     "config_rouge_l_sd", "vs_best", "vs_best_se", "vs_base", "vs_base_se",
 ]
 # --metric choices: which way is better for each
@@ -48,7 +49,9 @@ TRUNCATION_WARN_PCT = 2.0
 # Measures shown as they are named in TrialResult, and those whose column is named differently.
 MEASURES = ("eval_loss", "eval_loss_se", "response_loss", "response_loss_se", "perplexity", "rouge_l", "rouge_l_se",
             "repeat_ngram_rate", "end_marker_rate", "gen_mean_words", "truncated_rows", "truncated_pct",
-            "response_tokens_lost", "response_lost_pct", "dropped_rows", "train_examples", "train_seconds", "peak_gpu_mem_gb", "gpu_uuid")
+            "response_tokens_lost", "response_lost_pct", "dropped_rows", "train_examples", "train_seconds",
+            "peak_gpu_mem_gb", "gpu_uuid")
+LOSSES = ("eval_loss", "response_loss")  # each with its error bars per configuration; compared_on picks one
 RENAMED = {"tokens_per_second": "train_tokens_per_second", "device": "device_name"}
 
 
@@ -119,18 +122,22 @@ def _groups(rows: list[dict], heldout: dict[str, dict], loss: str) -> tuple[Grou
 
 def _add_quality(rows: list[dict], metric: str, heldout: dict[str, dict]) -> None:
     loss = compared_on(rows)  # the eval loss, or the response loss when the trials' loss_on differs
-    base, groups = _groups(rows, heldout, loss)
-    shown = (base, groups) if loss == "eval_loss" else _groups(rows, heldout, "eval_loss")  # the eval loss column
+    by_loss = {key: _groups(rows, heldout, key) for key in LOSSES}
+    base, groups = by_loss[loss]
     verdicts = assess([g for g in groups.values() if g.n], base)
     best = pick_best(rows, metric)
     for r in rows:
-        g = shown[0] if r["baseline"] else shown[1][r["config"]]
+        stats = {}
+        for key, (base_group, config_groups) in by_loss.items():
+            g = base_group if r["baseline"] else config_groups[r["config"]]
+            known = g is not None and g.n > 0  # a configuration with a finished trial (not STOPPED / failed only)
+            stats.update({f"config_{key}": g.loss if known else None, f"config_{key}_se": g.loss_se if known else None,
+                          f"config_{key}_sd": g.loss_sd if known else None})
+            if key == "eval_loss":
+                stats.update(seeds=g.n if known else 0, config_rouge_l=g.rouge if known else None,
+                             config_rouge_l_sd=g.rouge_sd if known else None,
+                             config_rouge_l_se=g.rouge_se if known else None)
         verdict = {} if r["baseline"] else verdicts.get(r["config"], {})
-        known = g is not None and g.n > 0  # a configuration with a finished trial (not only STOPPED / failed ones)
-        stats = dict(seeds=g.n if known else 0, config_eval_loss=g.loss if known else None,
-                     config_eval_loss_se=g.loss_se if known else None, config_eval_loss_sd=g.loss_sd if known else None,
-                     config_rouge_l=g.rouge if known else None, config_rouge_l_sd=g.rouge_sd if known else None,
-                     config_rouge_l_se=g.rouge_se if known else None)
         r.update(best=r is best, quality="base" if r["baseline"] else verdict.get("quality", "-"), **stats,
                  tied_with_best=verdict.get("tied_with_best", False),
                  **{k: verdict.get(k) for k in ("vs_best", "vs_best_se", "vs_base", "vs_base_se")})
@@ -151,8 +158,9 @@ def _fmt(x, spec: str) -> str:
 def table_head(extra: list[str] = ()) -> list[str]:
     """The table's columns; ``extra``: settings that vary between the trials (``varied``), after loss on."""
     return ["trial", "r", "target_modules", "base bits", "loss on", *extra, "quality", "params updated (M)",
-            "eval loss ± SE", "response loss", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
-            "end marker", "truncated rows", "response lost", "train time (s)", "tokens/s", "peak GPU GiB", "device", "status"]
+            "eval loss ± SE", "response loss ± SE", "vs base", "perplexity", "ROUGE-L ± SE", "repeat 3-grams",
+            "end marker", "truncated rows", "response lost", "train time (s)", "tokens/s", "peak GPU GiB", "device",
+            "status"]
 
 
 TABLE_HEAD = table_head()
@@ -196,6 +204,14 @@ def config_rows(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def _config_loss(r: dict, key: str) -> str:
+    """A configuration's ``key`` loss +- its SE (sd over seeds); a STOPPED trial's own last value."""
+    if not _finite(r.get(f"config_{key}")):
+        return _fmt(r[key], ".4f")
+    spread = r[f"config_{key}_sd"]
+    return _pm(r[f"config_{key}"], r[f"config_{key}_se"], ".4f") + (f" (sd {spread:.4f})" if _finite(spread) else "")
+
+
 def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
     """One line of the table as text, in ``table_head(extra)``'s order (summary.md, report.html, sweep.status):
     a configuration (``config_rows``), its eval loss and ROUGE-L with their standard errors and seed spread (a
@@ -205,7 +221,6 @@ def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
     device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
     grouped = _finite(r.get("config_eval_loss"))
     loss = r["config_eval_loss"] if grouped else r["eval_loss"]
-    spread = r["config_eval_loss_sd"] if grouped else None
     cut = f"{r['truncated_rows']:,} ({r['truncated_pct']:.1f}%)" if _finite(r["truncated_pct"]) else "-"
     return [
         r.get("label", r["trial_id"]) + (" *" if r["best"] else ""), "-" if r["baseline"] else str(r["r"]),
@@ -213,8 +228,7 @@ def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
         *("-" if r["baseline"] else format(r[h], ".3g") if isinstance(r[h], float) else str(r[h]) for h in extra),
         r["quality"],
         f"{r['trainable_params'] / 1e6:.3f} ({r['trainable_params']:,})",
-        _pm(loss, r.get("config_eval_loss_se"), ".4f") + (f" (sd {spread:.4f})" if _finite(spread) else ""),
-        _fmt(r["response_loss"], ".4f"),
+        *(_config_loss(r, key) for key in LOSSES),
         _pm(r["vs_base"], r.get("vs_base_se"), "+.4f"), _fmt(perplexity(loss) if _finite(loss) else None, ".2f"),
         _pm(r["config_rouge_l"] if grouped else r["rouge_l"], r.get("config_rouge_l_se"), ".3f"),
         _fmt(r["repeat_ngram_rate"], ".2f"), _fmt(r["end_marker_rate"], ".2f"), cut,
@@ -231,9 +245,10 @@ def quality_rule(metric: str, rows: list[dict] = ()) -> str:
              f"computed, on the {name}, which each measures on the response's tokens.") if loss != "eval_loss" else ""
     tied = sorted({r["config"] for r in rows if r.get("tied_with_best")})
     return (f"`*` best by {compared_on(rows, metric)} (with several seeds: the best configuration on average, and "
-            f"its best seed). ± is one standard error: over held-out examples for eval loss, and paired example by "
-            "example for vs base; over the rows generated for ROUGE-L (over seeds when there are several); sd is the "
-            f"spread over seeds. quality: high = {name} within 2% of the best configuration's, or within noise of it "
+            f"its best seed). ± is one standard error: over held-out examples for the eval and response losses, and "
+            f"paired example by example for vs base (on the {name}); over the rows generated for ROUGE-L (over "
+            f"seeds when there are several); sd is the spread over seeds. quality: high = {name} within 2% of the "
+            "best configuration's, or within noise of it "
             "(2 standard errors of the difference, seed spread included); medium = within 10%, likewise; low = "
             f"the rest, a {name} not better than base beyond noise, or generations that loop (>= 50% repeated token "
             f"3-grams) or are very short (< 5 words). No configuration is labelled above one with a lower {name}. "
@@ -250,9 +265,10 @@ def to_markdown(rows: list[dict], title: str, metric: str = "eval_loss") -> str:
     if errors:
         lines += ["", "Errors:", *errors]
     if any(r["seeds"] > 1 for r in rows):
-        lines += ["", "Seeds (eval loss of each):", *[
-            f"- {c}: " + ", ".join(f"{r['eval_loss']:.4f} (seed {r['seed']})" for r in rows
-                                   if r["config"] == c and _finite(r["eval_loss"]))
+        loss = compared_on(rows)
+        lines += ["", f"Seeds ({loss.replace('_', ' ')} of each):", *[
+            f"- {c}: " + ", ".join(f"{r[loss]:.4f} (seed {r['seed']})" for r in rows
+                                   if r["config"] == c and _finite(r[loss]))
             for c in dict.fromkeys(r["config"] for r in rows if r["seeds"] > 1)]]
     if warnings := truncation_warnings(rows):
         lines += ["", "Warnings:", *(f"- {w}" for w in warnings)]
@@ -341,15 +357,21 @@ def load_heldout(out: Path, outcomes: dict[str, TrialOutcome]) -> dict[str, dict
 
 
 def _read_heldout(path: Path) -> dict | None:
-    """heldout.json, or None when it is damaged: the trial is then compared unpaired, from its metrics."""
+    """heldout.json (``row_ids`` and, per loss, each example's ``sums`` and ``counts``), or None when it is
+    damaged: the trial is then compared unpaired, from its metrics."""
     try:
-        losses = json.loads(path.read_text())
-        ok = all(isinstance(losses[k], list) and len(losses[k]) == len(losses["row_ids"])
-                 for k in ("row_ids", "sums", "counts"))
-        ok = ok and all(isinstance(x, (int, float)) for x in losses["sums"] + losses["counts"])
+        held = json.loads(path.read_text())
+        n = len(held["row_ids"])
+        ok = isinstance(held["row_ids"], list) and isinstance(held["losses"], dict) and all(
+            isinstance(one[k], list) and len(one[k]) == n and all(_number(x) for x in one[k])
+            for one in held["losses"].values() for k in ("sums", "counts"))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
-    return losses if ok else None
+    return held if ok else None
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def write_reports(out: Path, planned: list[PlannedTrial], outcomes: dict[str, TrialOutcome], *, title: str,

@@ -247,9 +247,9 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
                            cfg.marker)
     generate_seconds = time.perf_counter() - clock
     save(cfg, s, out_dir, generations)
-    (out_dir / HELDOUT_FILE).write_text(json.dumps({"row_ids": list(s.splits["test"]["row_id"]),
-                                                    "sums": losses["eval"].sums,
-                                                    "counts": losses["eval"].counts}))
+    # per example and per loss (the table pairs trials on whichever loss it compares them on)
+    (out_dir / HELDOUT_FILE).write_text(json.dumps({"row_ids": list(s.splits["test"]["row_id"]), "losses": {
+        f"{name}_loss": {"sums": h.sums, "counts": h.counts} for name, h in losses.items()}}))
     result = TrialResult(
         trainable_params=s.trainable, total_params=s.total, trainable_pct=100.0 * s.trainable / s.total,
         eval_loss=eval_loss, eval_loss_se=losses["eval"].se, response_loss=losses["response"].mean,

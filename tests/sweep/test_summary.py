@@ -90,29 +90,45 @@ def seeded(config, k, seeds=3):
     return PlannedTrial(cfg, 100, 1000)
 
 
-def test_paired_heldout_losses_separate_what_unpaired_errors_cannot():
-    """Same 40 held-out examples for both trials: example difficulty cancels in the paired difference."""
+def heldout_json(sums, counts, loss="eval_loss") -> dict:
+    """A trial's heldout.json holding one loss."""
+    return {"row_ids": list(range(len(sums))), "losses": {loss: {"sums": sums, "counts": counts}}}
+
+
+@pytest.mark.parametrize("loss", ["eval_loss", "response_loss"])
+def test_paired_heldout_losses_separate_what_unpaired_errors_cannot(loss):
+    """Same 40 held-out examples for both trials: example difficulty cancels in the paired difference. When the
+    trials' loss_on differs the table compares them on the response loss, and pairs them on that loss."""
     import random
 
     rng = random.Random(0)
     counts = [rng.randint(50, 200) for _ in range(40)]
     hard = [rng.uniform(1.0, 3.0) for _ in counts]
-    heldout = {name: {"row_ids": list(range(40)), "counts": counts,
-                      "sums": [c * (h + shift + rng.gauss(0, 0.01)) for c, h in zip(counts, hard)]}
-               for name, shift in (("a", 0.0), ("b", 0.06))}
-    loss = {n: sum(h["sums"]) / sum(counts) for n, h in heldout.items()}
-    outcomes = {n: TrialOutcome(TERMINATED, make_result(eval_loss=loss[n], eval_loss_se=0.08)) for n in heldout}
-    ps = [planned("a"), planned("b")]
-    assert 0.02 < (loss["b"] - loss["a"]) / loss["a"] < 0.10  # medium by its gap, if the gap is real
+    sums = {name: [c * (h + shift + rng.gauss(0, 0.01)) for c, h in zip(counts, hard)]
+            for name, shift in (("a", 0.0), ("b", 0.06))}
+    heldout = {n: heldout_json(s, counts, loss) for n, s in sums.items()}
+    value = {n: sum(s) / sum(counts) for n, s in sums.items()}
+    other = "response_loss" if loss == "eval_loss" else "eval_loss"  # not compared: b's far lower one is ignored
+    outcomes = {n: TrialOutcome(TERMINATED, make_result(**{loss: value[n], f"{loss}_se": 0.08,
+                                                          other: 3.0 if n == "a" else 1.0}))
+                for n in sums}
+    ps = [planned("a"), planned("b", loss_on="completion" if loss == "response_loss" else "all")]
+    assert 0.02 < (value["b"] - value["a"]) / value["a"] < 0.10  # medium by its gap, if the gap is real
     unpaired = build_rows(ps, outcomes)
     assert [r["quality"] for r in unpaired] == ["high", "high"]  # SEs of 0.08 each: within noise
     assert unpaired[1]["tied_with_best"] and unpaired[1]["vs_best_se"] == pytest.approx(0.08 * 2 ** 0.5)
     paired = build_rows(ps, outcomes, heldout=heldout)
-    assert [r["quality"] for r in paired] == ["high", "medium"]
-    assert paired[1]["vs_best"] == pytest.approx(loss["b"] - loss["a"])
+    assert [r["quality"] for r in paired] == ["high", "medium"] and [r["best"] for r in paired] == [True, False]
+    assert paired[1]["vs_best"] == pytest.approx(value["b"] - value["a"])
     assert paired[1]["vs_best_se"] < 0.01 and not paired[1]["tied_with_best"]
     # the configuration's own SE comes from the per-example losses, not the trial's reported one
-    assert paired[0]["config_eval_loss_se"] == pytest.approx(ratio_se(heldout["a"]["sums"], counts))
+    assert paired[0][f"config_{loss}_se"] == pytest.approx(ratio_se(sums["a"], counts))
+    md = to_markdown(paired, "t")
+    assert f"| {value['a']:.4f} ± {ratio_se(sums['a'], counts):.4f} |" in md  # the compared loss's column
+    assert f"paired example by example for vs base (on the {loss.replace('_', ' ')})" in md
+    # per-example losses of the other loss only: nothing to pair this comparison on
+    wrong = {n: heldout_json(s, counts, other) for n, s in sums.items()}
+    assert build_rows(ps, outcomes, heldout=wrong)[1]["vs_best_se"] == pytest.approx(0.08 * 2 ** 0.5)
 
 
 def test_seeds_give_one_line_per_configuration_with_mean_and_spread(tmp_path):
@@ -150,19 +166,22 @@ def test_labels_never_rank_a_noisier_configuration_above_a_better_one():
     assert [r["quality"] for r in rows] == ["high", "medium", "medium"]  # c alone would be "high" (within noise)
 
 
-@pytest.mark.parametrize("content", ['{"row_ids": [0, 1], "sums": [1.0', '[]', '{"row_ids": [0, 1], "sums": [1.0], '
-                                     '"counts": [1, 1]}', '{"row_ids": [0], "sums": ["x"], "counts": [1]}', "\udcff"])
+@pytest.mark.parametrize("content", [
+    '{"row_ids": [0, 1], "losses": {', '[]',
+    '{"row_ids": [0, 1], "losses": {"eval_loss": {"sums": [1.0], "counts": [1, 1]}}}',
+    '{"row_ids": [0], "losses": {"eval_loss": {"sums": ["x"], "counts": [1]}}}',
+    '{"row_ids": [0, 1], "sums": [1.0, 2.0], "counts": [1, 1]}', "\udcff"])
 def test_a_damaged_heldout_json_falls_back_to_unpaired_errors(tmp_path, content):
     from sweep.summary import load_heldout
 
-    good = {"row_ids": [0, 1], "sums": [2.0, 4.0], "counts": [1, 2]}
+    good = heldout_json([2.0, 4.0], [1, 2])
     for name, text in (("a", json.dumps(good)), ("b", content)):
         (tmp_path / "trials" / name).mkdir(parents=True)
         (tmp_path / "trials" / name / "heldout.json").write_text(text, errors="surrogateescape")
     outcomes = {"a": done(2.0), "b": done(2.1)}
     assert load_heldout(tmp_path, outcomes) == {"a": good}
     rows = build_rows([planned("a"), planned("b")], outcomes, heldout=load_heldout(tmp_path, outcomes))
-    assert rows[0]["config_eval_loss_se"] == pytest.approx(ratio_se(good["sums"], good["counts"]))
+    assert rows[0]["config_eval_loss_se"] == pytest.approx(ratio_se([2.0, 4.0], [1, 2]))
     assert rows[1]["config_eval_loss_se"] == pytest.approx(0.01)  # unpaired: the trial's own SE (metrics.json)
 def test_trials_with_different_loss_on_are_compared_on_the_response_loss(tmp_path):
     """A completion-only trial's eval loss is taken on other tokens than a whole-text trial's: the star, the

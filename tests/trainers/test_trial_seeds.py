@@ -25,10 +25,13 @@ def repeats(tmp_path_factory, model_cache):
 
 def test_heldout_file_and_standard_errors(repeats):
     result, out = repeats[0]
-    heldout = json.loads((out / HELDOUT_FILE).read_text())
-    assert len(heldout["sums"]) == len(heldout["counts"]) == len(heldout["row_ids"]) == result.test_examples == 6
-    assert sum(heldout["sums"]) / sum(heldout["counts"]) == pytest.approx(result.eval_loss, rel=1e-12)
-    assert result.eval_loss_se == pytest.approx(ratio_se(heldout["sums"], heldout["counts"]), rel=1e-12)
+    saved = json.loads((out / HELDOUT_FILE).read_text())
+    assert sorted(saved["losses"]) == ["eval_loss", "response_loss"]
+    assert len(saved["row_ids"]) == result.test_examples == 6
+    for loss, heldout in saved["losses"].items():  # the eval loss (loss_on's tokens) and the response loss
+        assert len(heldout["sums"]) == len(heldout["counts"]) == 6
+        assert sum(heldout["sums"]) / sum(heldout["counts"]) == pytest.approx(getattr(result, loss), rel=1e-12)
+        assert getattr(result, f"{loss}_se") == pytest.approx(ratio_se(heldout["sums"], heldout["counts"]), rel=1e-12)
     assert 0 < result.eval_loss_se < 0.2 * result.eval_loss
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_loss_se"] == result.eval_loss_se and metrics["rouge_l_se"] == result.rouge_l_se
