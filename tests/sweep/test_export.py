@@ -41,7 +41,8 @@ def sweep(tmp_path_factory, model_cache):
         cfg = TrialConfig(name=f"r4-{bits}bit", index=i, model="random:tiny-llama", dataset="bundled:products-400",
                           device="cpu", r=4, targets="all_linear", target_modules=modules, bits=bits,
                           learning_rate=3e-3, epochs=1, batch_size=8, train_samples=80, logging_steps=2,
-                          max_new_tokens=8, heldout_prompts=1)
+                          max_new_tokens=8, heldout_prompts=1,
+                          loss_on="completion" if bits == 16 else "all")  # export re-measures on the trial's tokens
         run_trial(cfg, d / "trials" / cfg.name)
     (d / "trials" / "base").mkdir()  # a real baseline dir: results but no adapter
     (d / "trials" / "base" / "metrics.json").write_text(json.dumps({"eval_loss": TABLE["base"]}))
@@ -171,6 +172,10 @@ def test_merged_export_reproduces_the_trial_and_reloads_as_a_plain_model(sweep, 
     cfg = trial_cfg(sweep, bits)
     loss = M.eval_loss(cfg, model, load_tokenizer(str(out)), M.rebuild_splits(cfg))
     assert loss == pytest.approx(info["eval_loss_merged"], rel=1e-6)
+    if cfg.loss_on == "completion":  # the check is on the trial's tokens: all of them would be far off
+        every = M.eval_loss(dataclasses.replace(cfg, loss_on="all"), model, load_tokenizer(str(out)),
+                            M.rebuild_splits(cfg))
+        assert M.relative_gap(every, info["eval_loss_trial"]) > 10 * info["merge_tolerance"]  # 2e-3 on random weights
     # The weights are exactly the dequantized base plus the update, computed here independently
     for name, w in expected_weights(sweep, bits, "trial").items():
         torch.testing.assert_close(model.get_submodule(name).weight, w, rtol=0, atol=2e-6, msg=name)
