@@ -4,6 +4,7 @@ trial's outcome, copying its result files to ``DIR/trials/<trial>/`` where peopl
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -114,11 +115,16 @@ def outcome(trial, tune_dir: Path, out: Path, ledger: dict, budget_end: str) -> 
                   evals=tuple((e["train_steps"], e["eval_loss"]) for _, e in found))
     if trial.status == Trial.ERROR:
         return TrialOutcome(sweepdir.ERROR, error=error_line(trial.error_file), **common)
-    if report_kind(last) == TrialResult.KIND:
-        source = final_result(trial_dir, fp) or (trial.checkpoint and Path(trial.checkpoint.path))
+    final = final_result(trial_dir, fp)
+    # Tune's saved state can lag a trial's end (it is written every few seconds, and not at all on a full
+    # disk); the trial's sealed final checkpoint, with the ledger's entry for it, says it finished all the same
+    ended = final is not None and ledger.get(fp, {}).get("status") == sweepdir.TERMINATED
+    if report_kind(last) == TrialResult.KIND or ended:
+        source = final or (trial.checkpoint and Path(trial.checkpoint.path))
         if source and not (dest / METRICS_FILE).is_file():
             copy_out(lambda: shutil.copytree(source, dest, dirs_exist_ok=True), dest)
-        result = TrialResult.from_dict(last)
+        result = TrialResult.from_dict(last if report_kind(last) == TrialResult.KIND
+                                       else json.loads((final / METRICS_FILE).read_text()))
         return TrialOutcome(sweepdir.TERMINATED, result, steps=result.train_steps, **common)
     if trial.status != Trial.TERMINATED:  # the sweep was interrupted (Ctrl-C, a killed driver)
         return TrialOutcome(sweepdir.INTERRUPTED if last else sweepdir.NOT_RUN, **common)
