@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline on the CPU with the bundled tiny model and data."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,187 @@ def one_line_error(err: str) -> str:
     err = err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     return err
+
+
+# ---- real services on 127.0.0.1 for the cluster tests: a two-node Ray, an MLflow server, an S3 endpoint ----
+# Each is started by the test session and stopped by killing exactly the processes it started (never
+# `ray stop`, which would take down other Ray clusters on the same machine).
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, proc=None, interval: float = 0.5):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+        time.sleep(interval)
+    return value
+
+
+class Service:
+    """A process we started in a session of its own, and everything it spawned (Ray daemonizes, but its
+    processes stay in the session): stopped together, found by session id, so nothing else is touched."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+        self.cmd, self.log = cmd, log
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+
+    def processes(self) -> list:
+        import psutil
+
+        def in_session(p) -> bool:
+            try:
+                return os.getsid(p.pid) == self.proc.pid
+            except OSError:
+                return False
+
+        return [p for p in psutil.process_iter() if in_session(p)]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            p.kill()
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=timeout)
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class RayCluster:
+    """A Ray head plus worker nodes on this machine, each with its own temp dir; trials can be forced onto
+    a worker through its custom resource ``worker``. Token auth as on a real cluster."""
+
+    ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def __init__(self, root: Path):
+        self.root, self.workers = root, []
+        for attempt in range(2):  # a loaded machine sometimes loses a dashboard module at start: once more
+            self.port, self.dashboard_port = free_port(), free_port()
+            self.head = Service(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                                 f"--temp-dir={root / f'head{attempt}'}", "--num-cpus=1", "--num-gpus=0",
+                                 *self.own_ports(), f"--ray-client-server-port={free_port()}"],
+                                root / "head.log", self.ENV)
+            try:
+                wait_for(lambda: self.nodes(), 180, "ray head and its dashboard", interval=2)
+                return
+            except TimeoutError:
+                self.head.stop()
+        raise TimeoutError(f"the Ray head did not start twice; see {root}/head.log")
+
+    @staticmethod
+    def own_ports() -> list[str]:
+        """Ports that default to fixed numbers, which another Ray on this machine may hold."""
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def add_worker(self, cpus: int = 2) -> Service:
+        n = len(self.workers)
+        worker = Service(["ray", "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                          f"--temp-dir={self.root / f'worker{n}'}", f"--num-cpus={cpus}", "--num-gpus=0",
+                          f'--resources={{"worker": {cpus}}}', *self.own_ports()], self.root / f"worker{n}.log", self.ENV)
+        self.workers.append(worker)
+        wait_for(lambda: self.alive_workers() >= n + 1, 180, "ray worker node", interval=1)
+        return worker
+
+    def nodes(self) -> list[dict]:
+        """Ray's node table, read with the CLI so the test process never joins the cluster."""
+        import json
+
+        out = subprocess.run(["ray", "list", "nodes", f"--address={self.dashboard}", "--format=json", "--limit=100"],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, **self.ENV})
+        return json.loads(out.stdout) if out.returncode == 0 else []
+
+    def alive_workers(self) -> int:
+        return sum(n["state"] == "ALIVE" and not n["is_head_node"] for n in self.nodes())
+
+    def stop(self) -> None:
+        for service in [*self.workers, self.head]:
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    cluster = RayCluster(root)
+    try:
+        cluster.add_worker()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[Service, str]:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store, artifacts served through it (no client touches
+    its disk); returns the service and its URI once it answers /health."""
+    import urllib.request
+
+    port = port or free_port()
+    service = Service(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                       "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
+                       "--artifacts-destination", str(root / "artifacts")], root / f"mlflow-{port}.log")
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 120, "mlflow server", service.proc)
+    return service, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 (the real S3 protocol over HTTP), with a bucket ``sweeps``;
+    yields its endpoint URL. Test credentials only: moto accepts any."""
+    import boto3
+
+    root, port = tmp_path_factory.mktemp("s3"), free_port()
+    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], root / "moto.log")
+    try:
+        wait_for(lambda: port_open(port), 60, "moto s3 server", service.proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="sweeps")
+        yield endpoint
+    finally:
+        service.stop()
