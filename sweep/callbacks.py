@@ -3,6 +3,7 @@ goes to the ledger, to MLflow and to the console. Runs on the driver's single Tu
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ray.tune import Callback
@@ -10,6 +11,7 @@ from ray.tune import Callback
 from sweep import console, sweepdir
 from sweep.searchers import trial_config
 from sweep.tracking import MLflowTracker
+from sweep.tuner import copy_result
 from trainers.config import EvalReport, StepReport, TrialResult, report_kind
 
 
@@ -54,18 +56,24 @@ class TrialEvents(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         param, last = self.param(trial), trial.last_result or {}
-        checkpoint = Path(trial.checkpoint.path) if trial.checkpoint is not None else None
         if report_kind(last) == TrialResult.KIND:
+            # the result files come through Ray's checkpoint (local, NFS or S3) into the sweep directory, at once
+            checkpoint = copy_result(trial.checkpoint, Path(self.sweep_dir), param["name"]) if trial.checkpoint else None
             sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.TERMINATED)
             self.tracker.trial_finished(param, TrialResult.from_dict(last), checkpoint)
             self._console("trial_ended", param["name"], sweepdir.TERMINATED)
             return
+        self.trial_stopped(trial, param, last)
+
+    def trial_stopped(self, trial, param: dict, last: dict) -> None:
         # Ray completes a trial without its final report only when the scheduler stopped it (a budget's or
         # Ctrl-C's stop does not come through here): it ends STOPPED on its last eval and that checkpoint.
         evaluated = EvalReport.from_report(last) if report_kind(last) == EvalReport.KIND else None
         sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.STOPPED,
                               reason=self.stop_reason, steps=evaluated and evaluated.train_steps)
-        self.tracker.trial_stopped(param, evaluated and evaluated.train_steps, self.stop_reason, checkpoint)
+        with tempfile.TemporaryDirectory(prefix="lora-sweep-") as tmp:  # its last eval checkpoint, wherever stored
+            checkpoint = Path(trial.checkpoint.to_directory(tmp)) if trial.checkpoint is not None else None
+            self.tracker.trial_stopped(param, evaluated and evaluated.train_steps, self.stop_reason, checkpoint)
         self._console("trial_ended", param["name"], sweepdir.STOPPED)
 
     def on_trial_error(self, iteration, trials, trial, **info):

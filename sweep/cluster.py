@@ -156,12 +156,30 @@ def gpu_shares(planned, gpus_per_trial: float | str) -> dict[str, float]:
     return shares
 
 
-def check_resources(planned, shares: dict[str, float]) -> None:
+def parse_resources(values: tuple[str, ...]) -> dict[str, float]:
+    """--trial-resource NAME=AMOUNT values; Ray's own CPU/GPU/memory are set elsewhere."""
+    out = {}
+    for value in values:
+        name, _, amount = value.partition("=")
+        try:
+            out[name] = float(amount)
+        except ValueError:
+            out[name] = math.nan
+        if not name or name in ("CPU", "GPU", "memory", "object_store_memory") or not 0 < out[name] < math.inf:
+            raise UserError(f"--trial-resource expects NAME=AMOUNT (a custom resource, amount > 0), got {value!r}")
+    return out
+
+
+def check_resources(planned, shares: dict[str, float], resources: dict[str, float] | None = None) -> None:
     """On a running cluster: refuse sweeps whose trials could never be scheduled, instead of leaving them
     pending forever."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for name, amount in (resources or {}).items():
+        if not any(n.get(name, 0) >= amount for n in nodes):
+            raise UserError(f"--trial-resource {name}={amount:g}: no node of the Ray cluster offers it "
+                            f"(start nodes with ray start --resources='{{\"{name}\": N}}')")
     check_fits(planned, shares, max_cpus=max((n.get("CPU", 0) for n in nodes), default=0),
                max_gpus=max((n.get("GPU", 0) for n in nodes), default=0))
 
@@ -198,13 +216,14 @@ def check_fits(planned, shares: dict[str, float], *, max_cpus: float, max_gpus: 
             raise UserError(f"trial {cfg.name} needs {cfg.cpus_per_trial} CPUs; the largest node has {max_cpus:g}")
 
 
-def trial_resources(shares: dict[str, float]):
-    """Ray's per-trial resource request, read from the trial's own config."""
+def trial_resources(shares: dict[str, float], custom: dict[str, float] | None = None):
+    """Ray's per-trial resource request, read from the trial's own config, plus --trial-resource's."""
     def resources(config: dict) -> dict:
         t = config["trial"]
         cuda = t["config"]["device"] == "cuda"
         # a search's trials are named by Ray as they start: they carry their share in their config
         share = t.get("gpu_share") or shares.get(t.get("name"), max(shares.values(), default=1))
-        return {"cpu": t["config"]["cpus_per_trial"], "gpu": share if cuda else 0}
+        return {"cpu": t["config"]["cpus_per_trial"], "gpu": share if cuda else 0,
+                **({"custom_resources": dict(custom)} if custom else {})}
 
     return resources

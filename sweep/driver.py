@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sweep import cluster, sweepdir
+from sweep import cluster, storage, sweepdir
 from sweep.cli import RunError, UserError
 from sweep.cluster import LOOPBACK
 from sweep.lock import locked
@@ -46,6 +46,9 @@ class SweepOptions:
     extend: bool = False
     num_samples: int | None = None
     node_ip: str = LOOPBACK
+    storage: str | None = None
+    storage_endpoint: str | None = None
+    trial_resources: tuple[str, ...] = ()
 
 
 def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
@@ -122,9 +125,9 @@ def check_options(opts: SweepOptions) -> None:
             raise UserError(f"--gpus-per-trial must be 'auto' or a finite number > 0, got {gpus}")
         if gpus < MIN_GPU_SHARE:
             raise UserError(f"--gpus-per-trial must be at least {MIN_GPU_SHARE} (a hundredth of a GPU), got {gpus}")
-        if gpus > 1 and gpus != int(gpus):
-            raise UserError(f"--gpus-per-trial above 1 must be a whole number (Ray shares single GPUs only), got "
-                            f"{gpus}")
+        if gpus > 1:  # see README, "More than one GPU per trial"
+            raise UserError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU (no data parallelism across "
+                            "GPUs), so the others would sit idle; use 1, a share below 1, or auto")
     if opts.max_failures < 0:
         raise UserError(f"--max-failures must be >= 0, got {opts.max_failures}")
     if opts.name is not None and (problem := name_problem(opts.name)) is not None:
@@ -145,6 +148,10 @@ def check_options(opts: SweepOptions) -> None:
         socket.getaddrinfo(opts.dashboard_host, None)
     except (OSError, UnicodeError) as e:
         raise UserError(f"--dashboard-host {opts.dashboard_host!r} is not an address of this machine ({e})") from None
+    storage.from_flags(opts.storage, opts.storage_endpoint)
+    if cluster.parse_resources(opts.trial_resources) and not opts.address:
+        raise UserError("--trial-resource: the local Ray a sweep starts offers no custom resources; pass --address "
+                        "of a cluster whose nodes offer it")
 
 
 def run_sweep(opts: SweepOptions) -> int:
@@ -164,9 +171,12 @@ def run_sweep(opts: SweepOptions) -> int:
                                               extend=opts.extend)
         added = extend.extension(manifest, plan, sweepdir.experiments(manifest)) if opts.extend else None
         store = tracking_store(opts, out, manifest)
+        tune_storage = storage.for_sweep(storage.from_flags(opts.storage, opts.storage_endpoint), manifest)
         logs = DriverLogs(opts.verbose)  # from here on Ray's and MLflow's notes go to DIR/logs/driver.log
+        if tune_storage is not None:
+            storage.check(tune_storage)  # before the tracking probe, which may create a SQLite file
         check_store(store)  # only a store that answered is ever recorded in sweep.json
-        return start(opts, plan, out, manifest, added, store, logs)
+        return start(opts, plan, out, manifest, added, store, tune_storage, logs)
 
 
 def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> TrackingStore:
@@ -185,7 +195,7 @@ def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> Trac
 
 
 def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: list | None, store: TrackingStore,
-          logs) -> int:
+          tune_storage: storage.Storage | None, logs) -> int:
     import ray
 
     from sweep import extend
@@ -199,7 +209,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
     try:
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
             shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
-            cluster.check_resources(share_trials(plan), shares)
+            cluster.check_resources(share_trials(plan), shares, cluster.parse_resources(opts.trial_resources))
             if opts.fresh and sweepdir.needs_moving_aside(out):  # only now that nothing can refuse the run
                 sweepdir.move_aside(out)
             sweepdir.prepare(out)
@@ -208,7 +218,8 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
                 manifest = sweepdir.new_manifest(
                     out, name=plan.name, space=str(opts.space), fingerprint=plan.fingerprint, mlflow_uri=store.uri,
                     experiments=extend.first_experiments(plan),
-                    search_identity=plan.spec.identity() if plan.spec else None)
+                    search_identity=plan.spec.identity() if plan.spec else None,
+                    storage=tune_storage and tune_storage.to_manifest())
             elif added is not None:
                 print(f"extending sweep {manifest['name']}: " + (", ".join(
                     f"{len(e['trials'])} new trial(s)" if "trials" in e else f"{e['samples']} more sample(s)"
@@ -269,7 +280,8 @@ def run_experiments(opts: SweepOptions, manifest: dict, out: Path, plan, tracker
             continue
         callbacks = [Guarded(TrialEvents(str(out), tracker, stop_reason(plan.space.early_stopping)))]
         build_tuner(out, exp, plan, shares=shares, max_failures=opts.max_failures, callbacks=callbacks,
-                    earlier=collect(out, experiments[:i]) if i else {}).fit()
+                    earlier=collect(out, experiments[:i]) if i else {},
+                    resources=cluster.parse_resources(opts.trial_resources)).fit()
         outcomes = collect(out, [exp]).values()
         ended = exp["name"] in sweepdir.budget_ends(out)
         if any(o.status == sweepdir.INTERRUPTED or (o.status == sweepdir.NOT_RUN and not o.reason) for o in outcomes) \

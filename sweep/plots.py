@@ -100,12 +100,14 @@ def _minor_label(x: float, xlim: tuple[float, float]) -> str:
 def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Each trial's training and eval losses by step, from Ray Tune's per-trial result log (every report
     a trial made, across restarts; a repeated step keeps its latest value), in whichever of the sweep's
-    experiments (``tune/``, ``tune-search/``, ...) the trial ran."""
+    experiments (``tune/``, ``tune-search/``, ...) the trial ran, wherever the sweep's storage keeps them."""
+    from sweep.storage import read_file, trial_dirs
+
     curves = {}
     for name in names:
         train, evals = {}, {}
-        path = next((p for p in sorted(out.glob(f"tune*/{name}/result.json")) if p.is_file()), None)
-        lines = path.read_text().splitlines() if path else []
+        fs, dirs = trial_dirs(out, name)  # the sweep directory, or its --storage
+        lines = next(filter(None, (read_file(fs, f"{d}/result.json") for d in dirs)), "").splitlines()
         for line in lines:
             try:
                 rep = json.loads(line)

@@ -4,7 +4,8 @@
     python -m sweep.run search_spaces/paper_grid.py                  # the post's four trials, GPU + Hub
     python -m sweep.run search_spaces/paper_grid.py --dry-run        # trials and exact parameter counts
     python -m sweep.run search_spaces/paper_grid.py --set model=random:open_llama_3b_v2 --set train_samples=500
-    python -m sweep.run SPACE --address ray://head:10001              # the same on a Ray cluster
+    python -m sweep.run SPACE --address HEAD:6379 --storage s3://bucket/sweeps   # on a Ray cluster
+    ray job submit -- python -m sweep.run SPACE --address auto --storage /nfs/sweeps  # as a Ray Job
     python -m sweep.run search_spaces/smoke_search.py                # a search: TPE + ASHA early stopping, CPU
     python -m sweep.run search_spaces/smoke_search.py --extend --num-samples 10   # 2 more samples, warm-started
 
@@ -42,6 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="sweep directory (default: sweeps/<name>/)")
     p.add_argument("--name", help="sweep name: MLflow experiment and default directory (default: the space's name)")
     p.add_argument("--address", help="Ray cluster address; default starts a local Ray")
+    p.add_argument("--storage", metavar="URI",
+                   help="where Ray Tune keeps trial checkpoints, reachable from every node: an absolute local/NFS "
+                        "path or s3://BUCKET/PATH (credentials from each node's AWS_* environment); default: the "
+                        "sweep directory, for one machine")
+    p.add_argument("--storage-endpoint", metavar="URL",
+                   help="endpoint of an S3-compatible store for --storage s3://... (MinIO, Ceph), e.g. http://minio:9000")
+    p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource every trial requests, to keep trials on the nodes that offer it "
+                        "(ray start --resources='{\"NAME\": N}'); repeatable")
     p.add_argument("--gpus-per-trial", type=gpus, default="auto", metavar="auto|N",
                    help="GPU share per CUDA trial: auto (default) sizes each trial's share from its estimated peak "
                         "memory so small trials share a GPU; or a number (1 = a whole GPU each, 0.5 = two per GPU)")
@@ -88,7 +98,8 @@ def options(args: argparse.Namespace) -> SweepOptions:
         gpus_per_trial=args.gpus_per_trial, mlflow_uri=args.mlflow_uri, dashboard_host=args.dashboard_host,
         baseline=not args.no_baseline, metric=args.metric, max_failures=args.max_failures, resume=args.resume,
         fresh=args.fresh, verbose=args.verbose, extend=args.extend, num_samples=args.num_samples,
-        node_ip=args.ray_node_ip,
+        node_ip=args.ray_node_ip, storage=args.storage, storage_endpoint=args.storage_endpoint,
+        trial_resources=tuple(args.trial_resource),
     )
 
 

@@ -94,12 +94,13 @@ def searcher(spec: SearchSpec, *, samples_offset: int, seeds: list[dict], evalua
     return alg, SampleNamer(samples_offset, first=1), {}
 
 
-def param_space(entry, tune_dir: Path, log_dir: Path, point: dict | None = None) -> dict:
-    """What every trial of an experiment gets: its ``trial`` entry (or a grid of them), where Tune keeps its
-    checkpoints, where its log file goes, and a search's ``point`` domains (random search)."""
+def param_space(entry, log_dir: Path, point: dict | None = None) -> dict:
+    """What every trial of an experiment gets: its ``trial`` entry (or a grid of them), where its log file
+    goes, and a search's ``point`` domains (random search). Not where its checkpoints are: a trial asks
+    Ray's storage context for that, on whichever node it runs."""
     from trainers.entry import LOG_DIR_KEY
 
-    space = {TUNE_TRIAL: entry, "tune_dir": str(tune_dir), LOG_DIR_KEY: str(log_dir)}
+    space = {TUNE_TRIAL: entry, LOG_DIR_KEY: str(log_dir)}
     return {**space, TUNE_POINT: point} if point else space
 
 
@@ -108,10 +109,10 @@ def earlier_evals(trial) -> list[tuple[int, float]]:
     from trainers.checkpoints import evals
 
     try:
-        trial_dir = Path(trial.path)
+        trial_dir = trial.path  # in Ray's storage (local, NFS or S3), read through its filesystem
     except RuntimeError:  # a new trial: Ray names its directory only after adding it, and it has no evals yet
         return []
-    found = evals(trial_dir, trial_config(trial).fingerprint)
+    found = evals(trial_dir, trial_config(trial).fingerprint, trial.storage.storage_filesystem)
     return [(e[SCHEDULE_TIME], e[SCHEDULE_METRIC]) for _, e in found]
 
 

@@ -30,15 +30,17 @@ STILL_RUNNING = 3
 def settle(progress: SweepProgress, out: Path, now: float) -> str:
     """How the sweep stands (running, finished, interrupted, or stopped: its driver died mid-run), with
     each trial's status brought up to date from the ledger and Tune's trial directories."""
-    from trainers.checkpoints import final_result
+    from sweep.storage import trial_dirs
+    from trainers.checkpoints import final_result, read_text
 
     ledger = {e["trial"]: e for e in sweepdir.read_json(out / sweepdir.LEDGER).values()}
     for t in progress.trials:
         if t.live and t.name in ledger:  # the ledger records an end the moment Tune reports it
             t.status, t.error = ledger[t.name]["status"], ledger[t.name].get("error", "") or t.error
-        if t.live and (done := next(filter(None, map(final_result, out.glob(f"tune*/{t.name}"))), None)):
+        fs, dirs = trial_dirs(out, t.name) if t.live else (None, [])  # the sweep directory, or its --storage
+        if t.live and (done := next(filter(None, (final_result(d, None, fs) for d in dirs)), None)):
             # finished, but the driver died before recording it; a resume collects it without training
-            t.status, t.result = sweepdir.TERMINATED, json.loads((done / "metrics.json").read_text())
+            t.status, t.result = sweepdir.TERMINATED, json.loads(read_text(done, "metrics.json", fs))
     if progress.state != "running":
         return progress.state
     alive = driver_alive(progress.driver)

@@ -254,7 +254,8 @@ def prepare(out: Path) -> None:
 
 def new_manifest(out: Path, *, name: str, space: str, fingerprint: str, mlflow_uri: str, **extra) -> dict:
     """Start a sweep's records; ``mlflow_uri`` must already be free of credentials. ``extra``: the sweep's
-    experiments and, for a search, its identity (what an --extend must keep)."""
+    experiments, for a search its identity (what an --extend must keep), and its --storage (None: the
+    sweep directory), credential-free too."""
     manifest = {"sweep_id": uuid.uuid4().hex[:12], "name": name, "space": space, "space_fingerprint": fingerprint,
                 "mlflow_uri": mlflow_uri, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     try:

@@ -60,6 +60,20 @@ def write_space(path: Path, settings: str = "", trials: str = 'Trial(r=8, target
     return path
 
 
+TINY_STEPS = 36  # optimizer steps of a trial in a tiny space: 144 train rows / batch 8 x 2 epochs
+
+
+def write_tiny_space(path: Path, name: str, trials: str) -> Path:
+    """A space of quick CPU trials (checkpoints every 6 steps, a loss logged every 3) for the cluster tests."""
+    path.write_text(
+        "from sweep import Settings, Space, Trial\n"
+        f"space = Space(name={name!r}, trials=[{trials}], settings=Settings(\n"
+        "    model='random:tiny-llama', dataset='bundled:products-400', device='cpu', cpus_per_trial=1,\n"
+        "    learning_rate=3e-3, epochs=2, batch_size=8, train_samples=160, logging_steps=3, checkpoint_every=6,\n"
+        "    max_new_tokens=8, heldout_prompts=1))\n")
+    return path
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file under ``root`` and its hash: equal digests mean nothing was touched."""
     import hashlib

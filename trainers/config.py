@@ -564,6 +564,8 @@ class TrialResult:
     gpu_uuid: str = _tracked("tag")
     resumed_from_step: int = _tracked("metric")
     train_started_at: float = _tracked(None)
+    node_id: str = field(default="", metadata={"mlflow": "tag"})
+    """The Ray node the trial ran on (empty outside Ray); results written before it existed lack it."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -574,7 +576,7 @@ class TrialResult:
     @classmethod
     def from_dict(cls, d: dict) -> "TrialResult":
         """From metrics.json or a Tune result (whose own keys, such as ``time_total_s``, are ignored)."""
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.default is dataclasses.MISSING})
 
     @classmethod
     def names(cls, mlflow: str | None) -> list[str]:

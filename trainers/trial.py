@@ -211,12 +211,13 @@ def save(cfg: TrialConfig, s: Setup, out_dir: Path, generations: list[dict]) -> 
 
 def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, resume_from: Path | None = None,
               resume_step: int = 0, on_checkpoint: OnCheckpoint | None = None,
-              sampler: SystemSampler | None = None) -> TrialResult:
+              sampler: SystemSampler | None = None, node_id: str = "") -> TrialResult:
     """Train and evaluate one configuration; writes adapter/, generations.{md,json}, metrics.json to out_dir.
 
     ``resume_from`` is a Trainer checkpoint (of ``resume_step``) to continue from; ``on_checkpoint``
     receives each checkpoint the Trainer writes every ``cfg.checkpoint_every`` steps, and at every periodic
-    eval with that eval; ``sampler``'s system metrics ride along with each step report.
+    eval with that eval; ``sampler``'s system metrics ride along with each step report; ``node_id`` is the
+    Ray node it runs on, recorded in the result.
     """
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -263,6 +264,7 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
         train_examples=len(s.splits["train"]), dataset_fingerprint=fingerprint(s.splits),
         test_examples=len(s.splits["test"]), bnb_layers=sum(s.bnb.values()), **s.lengths,
         bnb_layer_type=",".join(sorted(s.bnb)) or "none", **device_info(cuda), **generation_metrics(generations),
+        node_id=node_id,
     )
     (out_dir / METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=1))
     return result
@@ -280,11 +282,15 @@ def limit_gpu_memory(share: float) -> None:
 def tune_trainable(config: dict) -> None:
     """Ray Tune entry point: rebuild the typed config, run (or resume), report the result as a checkpoint.
 
-    Each Trainer checkpoint is sealed and reported to Tune, which stores it in the trial's directory
-    under the sweep. On start the trial looks there first: a complete final result means it already
-    finished (the driver died before recording it), so it re-reports that result instead of training
-    again; otherwise it resumes from the newest complete training checkpoint.
+    Each Trainer checkpoint is sealed and reported to Tune, which stores it in the trial's directory in
+    Ray's storage (the sweep directory, or --storage: NFS, S3). On start the trial looks there first,
+    through Ray's storage context: a complete final result means it already finished (the driver died
+    before recording it), so it re-reports that result instead of training again; otherwise it resumes
+    from the newest complete training checkpoint. Not ``tune.get_checkpoint()`` alone: that is the newest
+    checkpoint in the snapshot Ray restored, which can predate the trial's last checkpoints (and even its
+    final result) when the driver was killed between two snapshots.
     """
+    import ray
     from ray import tune
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -294,11 +300,8 @@ def tune_trainable(config: dict) -> None:
     cfg = TrialConfig.from_tune(config, tune.get_context().get_trial_name())
     fp = cfg.fingerprint
     limit_gpu_memory(config["trial"].get("gpu_share", 0.0))
-    trial_dir = Path(config["tune_dir"]) / cfg.name
-    if (done := checkpoints.final_result(trial_dir, fp)) is not None:
-        result = TrialResult.from_dict(json.loads((done / METRICS_FILE).read_text()))
-        tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(done)))
-        return
+    storage = tune.get_context().get_storage()  # Ray's: the trial's own directory wherever Tune keeps it
+    fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
 
     def on_checkpoint(path: Path, step: int, evaluated: EvalReport | None) -> None:
         (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))  # export rebuilds a stopped trial
@@ -307,15 +310,21 @@ def tune_trainable(config: dict) -> None:
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(path)))
 
     with tempfile.TemporaryDirectory(prefix="lora-sweep-") as tmp:
+        if (done := checkpoints.final_result(trial_dir, fp, fs)) is not None:
+            done = checkpoints.download(done, fs, Path(tmp) / "done")
+            result = TrialResult.from_dict(json.loads((done / METRICS_FILE).read_text()))
+            tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(done)))
+            return
         resume_from, resume_step = None, 0
-        if (point := checkpoints.resume_point(trial_dir, fp)) is not None:
-            resume_from = shutil.copytree(point[0], Path(tmp) / "resume")  # Ray may rewrite its copy
+        if (point := checkpoints.resume_point(trial_dir, fp, fs)) is not None:
+            resume_from = checkpoints.download(point[0], fs, Path(tmp) / "resume")
             resume_step = point[1]
         result_dir = Path(tmp) / "result"
         sampler = SystemSampler(gpu_uuids(cfg.device == "cuda")).start()
         try:
             result = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
-                               on_checkpoint=on_checkpoint, sampler=sampler)
+                               on_checkpoint=on_checkpoint, sampler=sampler,
+                               node_id=ray.get_runtime_context().get_node_id())
         finally:
             sampler.stop()
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result

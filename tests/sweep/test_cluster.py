@@ -1,0 +1,117 @@
+"""A real two-node Ray cluster on this machine (head + one worker node, each with its own temp dir; the
+worker's custom resource ``worker`` pins the trials to it): the smoke sweep submitted as a Ray Job, and a
+worker node killed in the middle of a trial. The cluster is shared by the module; only its own processes
+are ever stopped."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, TINY_STEPS, write_tiny_space, read_csv, wait_for
+
+pytestmark = pytest.mark.slow  # a Ray cluster, real sweeps
+
+SMOKE_TRIALS = {"base", "r8-attention-4bit", "r16-attention-4bit", "r8-all_linear-4bit", "r8-all_linear-8bit"}
+
+
+def ray_cli(cluster, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **cluster.ENV})
+
+
+def worker_node_ids(cluster) -> set[str]:
+    return {n["node_id"] for n in cluster.nodes() if not n["is_head_node"] and n["state"] == "ALIVE"}
+
+
+def test_smoke_sweep_as_a_ray_job_runs_every_trial_on_the_worker_node(ray_cluster, tmp_path, model_cache):
+    """``ray job submit -- python -m sweep.run ... --address auto`` against the head: the job succeeds, its
+    log (the table) is in the Jobs API, every trial ran on the worker node, table, adapters, MLflow complete."""
+    workers = worker_node_ids(ray_cluster)
+    assert len(workers) == 1
+    out, db = tmp_path / "sweep", f"sqlite:///{tmp_path}/mlflow.db"
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                "LORA_SWEEP_CACHE": os.environ["LORA_SWEEP_CACHE"]}}
+    start = time.monotonic()
+    job = ray_cli(ray_cluster, "job", "submit", f"--address={ray_cluster.dashboard}", "--submission-id=smoke-job",
+                  f"--runtime-env-json={json.dumps(runtime_env)}", "--",
+                  sys.executable, "-m", "sweep.run", str(REPO / "search_spaces" / "smoke.py"), "--address", "auto",
+                  "--trial-resource", "worker=1", "--storage", str(tmp_path / "storage"), "--output", str(out),
+                  "--mlflow-uri", db, timeout=600)
+    seconds = time.monotonic() - start
+    print(f"two-node smoke sweep as a Ray Job: {seconds:.1f}s")
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    assert "Job 'smoke-job' succeeded" in job.stdout + job.stderr
+
+    # the Jobs view: status and the driver's log, from the dashboard's own API
+    status = ray_cli(ray_cluster, "job", "status", f"--address={ray_cluster.dashboard}", "smoke-job")
+    assert "SUCCEEDED" in status.stdout
+    logs = ray_cli(ray_cluster, "job", "logs", f"--address={ray_cluster.dashboard}", "smoke-job").stdout
+    assert "# Sweep smoke" in logs and "r8-all_linear-8bit" in logs
+
+    rows = read_csv(out / "summary.csv")
+    assert set(rows) == SMOKE_TRIALS and {r["status"] for r in rows.values()} == {"TERMINATED"}
+    for name in SMOKE_TRIALS:
+        metrics = json.loads((out / "trials" / name / "metrics.json").read_text())
+        assert metrics["node_id"] in workers, name  # ran on the worker node, not the head
+        if name != "base":
+            assert (out / "trials" / name / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (tmp_path / "storage").is_dir() and not (out / "tune").exists()  # checkpoints went to --storage
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(SMOKE_TRIALS | {"smoke"})
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["lora_sweep.node_id"] for r in runs if r.info.run_name != "smoke"} == workers
+
+    # the trials, in the dashboard's state API (Cluster and Actors views): actors of the job, on the worker node
+    actors = json.loads(ray_cli(ray_cluster, "list", "actors", f"--address={ray_cluster.dashboard}",
+                                "--format=json", "--limit=1000", "--detail").stdout)
+    trials = [a for a in actors if a.get("class_name") == "ImplicitFunc"]
+    assert len(trials) >= len(SMOKE_TRIALS) and {a["node_id"] for a in trials} == workers
+
+
+TRIALS = 'Trial(r=8, targets="attention", bits=16, name="a")'
+
+
+def test_worker_node_killed_mid_trial_finishes_once_a_node_is_back(ray_cluster, tmp_path, model_cache):
+    """The worker node dies (all its processes, SIGKILL) after the trial's step-12 checkpoint; the sweep
+    waits, a new worker node joins, and the trial resumes there from a checkpoint in --storage."""
+    from trainers.checkpoints import resume_point
+
+    write_tiny_space(tmp_path / "space.py", "node-loss", TRIALS)
+    storage = tmp_path / "storage"
+    env = {**os.environ, **ray_cluster.ENV, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "LORA_SWEEP_FAULTS": json.dumps({"a": {"mode": "slow", "sleep": 0.5}})}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.run", str(tmp_path / "space.py"), "--no-baseline",
+                             "--address", ray_cluster.address, "--trial-resource", "worker=1",
+                             "--storage", str(storage), "--output", str(tmp_path / "out"),
+                             "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def trial_dir():
+            found = list(storage.glob("node-loss-*/tune/a"))
+            return found[0] if found else None
+
+        wait_for(lambda: trial_dir() and (resume_point(trial_dir()) or (None, 0))[1] >= 12, 240,
+                 "a checkpoint at step 12", proc)
+        killed_at = resume_point(trial_dir())[1]
+        lost = worker_node_ids(ray_cluster)
+        ray_cluster.workers[-1].stop(sig=9)  # the node is gone: raylet, its workers, the trial
+        time.sleep(10)  # the sweep waits for resources; it neither ends nor errors
+        assert proc.poll() is None
+        ray_cluster.add_worker()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    m = json.loads((tmp_path / "out" / "trials" / "a" / "metrics.json").read_text())
+    assert m["train_steps"] == TINY_STEPS and 12 <= m["resumed_from_step"] <= killed_at + 6
+    assert m["node_id"] in worker_node_ids(ray_cluster) and m["node_id"] not in lost
+    assert read_csv(tmp_path / "out" / "summary.csv")["a"]["status"] == "TERMINATED"
