@@ -227,7 +227,8 @@ class RayCluster:
     """A Ray head plus worker nodes on this machine, each with its own temp dir; trials can be forced onto
     a worker through its custom resource ``worker``. Token auth as on a real cluster."""
 
-    ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Every node runs this checkout's code, as every node of a real cluster runs the same image.
+    ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
     def __init__(self, root: Path):
         self.root, self.workers = root, []
@@ -243,6 +244,9 @@ class RayCluster:
                 return
             except TimeoutError:
                 self.head.stop()
+            except BaseException:
+                self.head.stop()
+                raise
         raise TimeoutError(f"the Ray head did not start twice; see {root}/head.log")
 
     @staticmethod
@@ -258,13 +262,14 @@ class RayCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def add_worker(self, cpus: int = 2) -> Service:
-        n = len(self.workers)
+    def add_worker(self, cpus: int = 2, env: dict | None = None) -> Service:
+        n, known = len(self.workers), {x["node_id"] for x in self.nodes()}
         worker = Service(["ray", "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                           f"--temp-dir={self.root / f'worker{n}'}", f"--num-cpus={cpus}", "--num-gpus=0",
-                          f'--resources={{"worker": {cpus}}}', *self.own_ports()], self.root / f"worker{n}.log", self.ENV)
+                          f'--resources={{"worker": {cpus}}}', *self.own_ports()], self.root / f"worker{n}.log",
+                         {**self.ENV, **(env or {})})
         self.workers.append(worker)
-        wait_for(lambda: self.alive_workers() >= n + 1, 180, "ray worker node", interval=1)
+        wait_for(lambda: self.worker_ids() - known, 180, "ray worker node", interval=1)
         return worker
 
     def nodes(self) -> list[dict]:
@@ -273,10 +278,14 @@ class RayCluster:
 
         out = subprocess.run(["ray", "list", "nodes", f"--address={self.dashboard}", "--format=json", "--limit=100"],
                              capture_output=True, text=True, timeout=60, env={**os.environ, **self.ENV})
-        return json.loads(out.stdout) if out.returncode == 0 else []
+        try:
+            return json.loads(out.stdout) if out.returncode == 0 else []
+        except ValueError:  # "No resource in the cluster" while the head is still registering
+            return []
 
-    def alive_workers(self) -> int:
-        return sum(n["state"] == "ALIVE" and not n["is_head_node"] for n in self.nodes())
+    def worker_ids(self) -> set[str]:
+        """The worker nodes (not the head) Ray counts as alive."""
+        return {n["node_id"] for n in self.nodes() if n["state"] == "ALIVE" and not n["is_head_node"]}
 
     def stop(self) -> None:
         for service in [*self.workers, self.head]:
@@ -289,12 +298,14 @@ def ray_cluster(tmp_path_factory):
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    cluster = RayCluster(root)
     try:
-        cluster.add_worker()
-        yield cluster
+        cluster = RayCluster(root)
+        try:
+            cluster.add_worker()
+            yield cluster
+        finally:
+            cluster.stop()
     finally:
-        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
