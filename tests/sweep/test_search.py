@@ -263,7 +263,10 @@ def _trial(tmp_path, name: str, evals=()):
         ckpt.mkdir(parents=True)
         seal(ckpt, step=step, final=False, fingerprint=cfg.fingerprint,
              eval=EvalReport(train_steps=step, epoch=0.0, eval_loss=loss).to_report())
-    return _Trial(trial_id=name, path=str(tmp_path / name), config={"trial": cfg.to_param()})
+    from pyarrow.fs import LocalFileSystem
+
+    storage = _Trial(storage_filesystem=LocalFileSystem())  # Ray's StorageContext: where the trial's path lives
+    return _Trial(trial_id=name, path=str(tmp_path / name), storage=storage, config={"trial": cfg.to_param()})
 
 
 def test_asha_replays_a_restored_trials_evals_and_an_extensions_history(tmp_path):
