@@ -4,7 +4,6 @@ trial's outcome, copying its result files to ``DIR/trials/<trial>/`` where peopl
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shutil
@@ -14,7 +13,7 @@ from sweep import sweepdir
 from sweep.cluster import trial_resources
 from sweep.plan import SweepPlan
 from sweep.sweepdir import TrialOutcome
-from trainers.checkpoints import download, evals, final_result, read_json
+from trainers.checkpoints import download, evals, final_result, read_json, read_seal
 from trainers.config import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, TUNE_POINT, EvalReport, TrialResult, \
     report_kind, search_param
 
@@ -94,9 +93,10 @@ def build_tuner(out: Path, exp: dict, plan: SweepPlan, *, shares: dict[str, floa
 
 def copy_result(checkpoint, out: Path, name: str) -> Path:
     """A finished trial's final checkpoint (adapter, generations, metrics), from wherever Ray stored it, into
-    DIR/trials/<name>/; once: the callback copies it when the trial ends, ``collect`` after a resume."""
+    DIR/trials/<name>/; once: the callback copies it when the trial ends, ``collect`` after a resume (or
+    again, when a killed driver left the copy without its seal: incomplete)."""
     dest = out / sweepdir.TRIALS_DIR / name
-    if not (dest / METRICS_FILE).is_file():
+    if read_seal(dest) is None:
         checkpoint.to_directory(str(dest))
     return dest
 
@@ -141,7 +141,7 @@ def outcome(trial, tune_dir: tuple, out: Path, ledger: dict, budget_end: str) ->
     # disk); the trial's sealed final checkpoint, with the ledger's entry for it, says it finished all the same
     ended = final is not None and ledger.get(fp, {}).get("status") == sweepdir.TERMINATED
     if report_kind(last) == TrialResult.KIND or ended:
-        if not (dest / METRICS_FILE).is_file():
+        if read_seal(dest) is None:  # not copied yet, or only in part
             if final is not None:
                 copy_out(lambda: download(final, fs, dest), dest)
             elif trial.checkpoint is not None:

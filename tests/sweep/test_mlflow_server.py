@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,10 +59,10 @@ def test_sweep_against_a_server_restarted_mid_sweep(tmp_path, model_cache):
             history = client.get_metric_history(run.info.run_id, "loss")
             # each logged step exactly once: the first, then every 3rd (none lost, none repeated by a retry)
             assert sorted(h.step for h in history) == [1, *range(3, TINY_STEPS + 1, 3)]
-            adapter = download_artifacts(run_id=run.info.run_id, artifact_path="adapter", tracking_uri=uri,
-                                         dst_path=str(tmp_path / "dl" / name))
+            adapter = Path(download_artifacts(run_id=run.info.run_id, artifact_path="adapter", tracking_uri=uri,
+                                              dst_path=str(tmp_path / "dl" / name)))
             local = tmp_path / "out" / "trials" / name / "adapter" / "adapter_model.safetensors"
-            assert (tmp_path / "dl" / name / "adapter" / "adapter_model.safetensors").read_bytes() == local.read_bytes()
+            assert (adapter / "adapter_model.safetensors").read_bytes() == local.read_bytes()  # served by the server
         summary = {a.path for a in client.list_artifacts(parent)}
         assert {"summary.md", "summary.csv", "samples.md"} <= summary
         assert (tmp_path / "artifacts").is_dir()  # the server's artifact root received them
