@@ -144,3 +144,23 @@ def test_rayjob_has_what_kuberay_requires(rayjob):
     claim = yaml.safe_load((DOCKER / "kuberay" / "pvc.yaml").read_text())
     volumes = cluster["headGroupSpec"]["template"]["spec"]["volumes"]
     assert {v["persistentVolumeClaim"]["claimName"] for v in volumes} == {claim["metadata"]["name"]}
+
+
+def sweep_argv(command: str) -> list[str]:
+    """The ``python -m sweep.run`` arguments of a command line, compose's ${VAR:-default} at their defaults."""
+    import shlex
+
+    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)
+    words = shlex.split(command)
+    return words[words.index("sweep.run") + 1:]
+
+
+def test_the_sweep_commands_in_compose_and_the_rayjob_are_valid_for_our_cli(compose, rayjob):
+    from sweep.run import options, parse_args
+
+    for command in (compose["services"]["submit"]["command"], rayjob["spec"]["entrypoint"]):
+        argv = sweep_argv(command)
+        opts = options(parse_args(argv))  # the real parser: an option renamed here fails this test
+        assert opts.address == "auto" and opts.storage and opts.output, command
+        assert (REPO / opts.space.removeprefix("/app/")).is_file(), opts.space  # /app is the image's checkout
+    assert options(parse_args(sweep_argv(compose["services"]["submit"]["command"]))).mlflow_uri == "http://mlflow:5000"
