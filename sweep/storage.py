@@ -61,15 +61,26 @@ class Storage:
         return {"uri": self.uri, "endpoint": self.endpoint}
 
 
+CREDENTIAL_QUERY = ("access_key", "secret_key", "session_token")  # pyarrow's S3 URI options that are secrets
+
+
+def _split(value: str, flag: str):
+    try:
+        return urlsplit(value)
+    except ValueError as e:  # not repeated here: it may hold a secret
+        raise UserError(f"{flag} is not a valid URI ({e})") from None
+
+
 def resolve(uri: str, endpoint: str | None) -> Storage:
-    """Check ``--storage``/``--storage-endpoint`` without touching anything; relative paths made absolute."""
-    parts = urlsplit(uri)
+    """Check ``--storage``/``--storage-endpoint`` without touching anything; relative paths made absolute.
+    A value carrying credentials is refused without being repeated."""
+    parts = _split(uri, "--storage")
     if parts.scheme in ("", "file"):
         if endpoint:
             raise UserError("--storage-endpoint is for S3-compatible stores; --storage is a local path")
         path = Path(uri.removeprefix("file://")).expanduser()
         return Storage(str(path.resolve()))
-    if "@" in parts.netloc or "access_key" in parts.query or "secret_key" in parts.query:
+    if "@" in parts.netloc or any(k in parts.query for k in CREDENTIAL_QUERY):
         raise UserError("--storage must not carry credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                         "(or an instance role) on every node instead")
     if not parts.netloc:
@@ -77,9 +88,12 @@ def resolve(uri: str, endpoint: str | None) -> Storage:
     if endpoint:
         if parts.scheme != "s3":
             raise UserError(f"--storage-endpoint is for s3:// storage, not {parts.scheme}://")
-        e = urlsplit(endpoint)
-        if e.scheme not in ("http", "https") or not e.netloc or "@" in e.netloc:
-            raise UserError(f"--storage-endpoint must be http(s)://HOST[:PORT] without credentials, got {endpoint}")
+        e = _split(endpoint, "--storage-endpoint")
+        if "@" in e.netloc or e.query:
+            raise UserError("--storage-endpoint must not carry credentials: set AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY on every node instead")
+        if e.scheme not in ("http", "https") or not e.netloc:
+            raise UserError(f"--storage-endpoint must be http(s)://HOST[:PORT], got {endpoint}")
     try:
         Storage(uri, endpoint or "").filesystem(probe=True)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ValueError/ArrowInvalid/OSError for unknown schemes

@@ -121,6 +121,10 @@ def read_manifest(out: Path) -> dict:
     if exps is not None and not (isinstance(exps, list) and all(
             isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] for e in exps)):
         raise damaged(path, "field 'experiments' is not a list of named experiments")
+    kept = manifest.get("storage")  # --storage, when the sweep was started with one
+    if kept is not None and not (isinstance(kept, dict) and set(kept) == {"uri", "endpoint"}
+                                 and all(isinstance(v, str) for v in kept.values()) and kept["uri"]):
+        raise damaged(path, "field 'storage' is not a --storage record (uri and endpoint)")
     return manifest
 
 

@@ -25,7 +25,10 @@ def test_local_paths_are_made_absolute_and_probed(tmp_path, monkeypatch):
     ("s3:///x", None, "--storage s3:///x: expected SCHEME://BUCKET/PATH"),
     ("/tmp/x", "http://127.0.0.1:9000", "--storage-endpoint is for S3-compatible stores"),
     ("s3://bucket/x", "127.0.0.1:9000", "--storage-endpoint must be http(s)://HOST[:PORT]"),
-    ("s3://bucket/x", "http://u:p@127.0.0.1:9000", "--storage-endpoint must be http(s)://HOST[:PORT]"),
+    ("s3://bucket/x", "http://AKIA:secret@127.0.0.1:9000", "--storage-endpoint must not carry credentials"),
+    ("s3://bucket/x", "http://127.0.0.1:9000?secret_key=secret", "--storage-endpoint must not carry credentials"),
+    ("s3://bucket/x?session_token=secret", None, "--storage must not carry credentials"),
+    ("s3://secret@[bucket/x", None, "--storage is not a valid URI (Invalid IPv6 URL)"),
     ("nosuch://bucket/x", None, "--storage nosuch://bucket/x: "),
 ])
 def test_bad_storage_is_one_line(uri, endpoint, message):
