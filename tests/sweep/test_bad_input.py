@@ -249,6 +249,24 @@ CASES = {
                                                   "--output", str(t / "new")], "storage s3://b/x is not writable"),
     "trial resource malformed": (lambda t: space(t) + ["--trial-resource", "GPU=2", "--output", str(t / "new")],
                                  "--trial-resource expects NAME=AMOUNT"),
+    "trial resource zero": (lambda t: space(t) + ["--trial-resource", "worker=0"], "--trial-resource expects NAME"),
+    "trial resource without a cluster": (lambda t: space(t) + ["--trial-resource", "worker=1"],
+                                         "the local Ray a sweep starts offers no custom resources"),
+    "storage unparsable": (lambda t: space(t) + ["--storage", "s3://s3cr3t@[b/x"], "--storage is not a valid URI"),
+    "storage secret in the query": (lambda t: space(t) + ["--storage", "s3://b/x?secret_key=s3cr3t"],
+                                    "--storage must not carry credentials"),
+    "storage endpoint with credentials": (lambda t: space(t) + ["--storage", "s3://b/x", "--storage-endpoint",
+                                                               "http://AKIA:s3cr3t@127.0.0.1:9"],
+                                          "--storage-endpoint must not carry credentials"),
+    "storage endpoint without scheme": (lambda t: space(t) + ["--storage", "s3://b/x", "--storage-endpoint", "h:9"],
+                                        "--storage-endpoint must be http(s)://HOST[:PORT], got h:9"),
+    "storage endpoint for a path": (lambda t: space(t) + ["--storage", str(t / "s"), "--storage-endpoint", "http://h"],
+                                    "--storage-endpoint is for S3-compatible stores"),
+    "storage path through a file": (lambda t: space(t) + ["--storage", data_file(t, "file", b"") + "/ray", "--output",
+                                                          str(t / "new")], "/file/ray is not writable"),
+    "storage silent endpoint": (lambda t: space(t) + ["--storage", "s3://b/x", "--output", str(t / "new"),
+                                                      "--storage-endpoint", f"http://127.0.0.1:{silent_server()}"],
+                                "storage s3://b/x did not answer within 1s"),
     # the tracking store: reached, within seconds, before anything is written
     "tracking nothing listening": (lambda t: tracked(t, "http://127.0.0.1:9"),
                                    "tracking store http://127.0.0.1:9 cannot be used"),
@@ -279,6 +297,9 @@ CASES = {
                          "ledger.json is damaged (not valid JSON"),
     "ledger wrong shape": (lambda t: damage(t, "ledger.json", b'{"abc": "TERMINATED"}'), "entry 'abc' has no status"),
     "tune state cut short": (lambda t: damage(t, "tune/tuner.pkl", b"\x80\x05\x95\x10"), "tuner.pkl is damaged"),
+    "manifest storage not a record": (lambda t: damage(t, "sweep.json", json.dumps({
+        "sweep_id": "a", "name": "t", "space_fingerprint": "0" * 16, "mlflow_uri": "sqlite:///x.db",
+        "storage": "s3://b/x"}).encode()), "field 'storage' is not a --storage record"),
 }
 
 
@@ -286,10 +307,12 @@ CASES = {
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, earlier_sweep, capsys, monkeypatch):
     import ray
 
+    import sweep.storage
     import sweep.store
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sweep.store, "PROBE_TIMEOUT_S", 1.0)  # the silent server's case: bounded, and quick here
+    monkeypatch.setattr(sweep.storage, "PROBE_TIMEOUT_S", 1.0)  # the same for the storage's
     build, says = CASES[case]
     argv = build(tmp_path)
     if "--output" not in argv:
@@ -301,7 +324,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, ear
     assert main(argv) == 2
     err = one_line_error(capsys.readouterr().err)
     says = says.replace("{}", str(tmp_path / "a.jsonl"))
-    assert says in err, err
+    assert says in err and "s3cr3t" not in err, err  # a storage secret is refused, never repeated
     assert time.monotonic() - start < 30
     assert tree_digest(earlier_sweep) == before
     assert not ray.is_initialized()
@@ -340,20 +363,45 @@ def test_silent_tracking_server_is_given_up_on_within_the_probe_timeout(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def started_sweep(tmp: Path, **fields) -> tuple[list[str], Path]:
+    """The space's argv and a sweep directory that sweep started in (its manifest only, plus ``fields``)."""
+    from sweep.driver import SweepOptions, plan_sweep
+
+    argv = space(tmp)
+    fingerprint = plan_sweep(SweepOptions(space=argv[0]), for_training=False).fingerprint
+    out = tmp / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"sweep_id": "a", "name": "t", "space_fingerprint": fingerprint,
+                                                "mlflow_uri": f"sqlite:///{tmp}/a.db", **fields}))
+    return argv, out
+
+
 def test_resume_with_another_tracking_store_is_refused(tmp_path, capsys, monkeypatch):
     """A resumed sweep keeps its runs in the store it started with; --mlflow-uri naming another is refused
     (not silently ignored), with the store to use."""
-    from sweep.driver import SweepOptions, plan_sweep
-
     monkeypatch.chdir(tmp_path)
-    argv = space(tmp_path)
-    fingerprint = plan_sweep(SweepOptions(space=argv[0]), for_training=False).fingerprint
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "sweep.json").write_text(json.dumps({"sweep_id": "a", "name": "t", "space_fingerprint": fingerprint,
-                                                "mlflow_uri": f"sqlite:///{tmp_path}/a.db"}))
+    argv, out = started_sweep(tmp_path)
     before = tree_digest(out)
     assert main(argv + ["--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path}/b.db"]) == 2
     err = one_line_error(capsys.readouterr().err)
     assert f"tracks its runs in sqlite:///{tmp_path}/a.db; resume with that --mlflow-uri" in err, err
     assert tree_digest(out) == before and not (tmp_path / "b.db").exists() and not (tmp_path / "a.db").exists()
+
+
+@pytest.mark.parametrize("recorded, given, says", [
+    (None, ["--storage", "STORAGE"], "this sweep was started with no --storage (the sweep directory); pass the same"),
+    ("STORAGE", ["--storage", "OTHER"], "this sweep was started with --storage STORAGE; pass the same"),
+])
+def test_resume_with_another_storage_is_refused(recorded, given, says, tmp_path, capsys, monkeypatch):
+    """A resumed sweep's trials continue from the checkpoints in the storage it started with: another
+    --storage is refused, not a silent start over; nothing is probed or written."""
+    monkeypatch.chdir(tmp_path)
+    paths = {"STORAGE": str(tmp_path / "storage"), "OTHER": str(tmp_path / "other")}
+    argv, out = started_sweep(tmp_path, storage=recorded and {"uri": paths[recorded], "endpoint": ""})
+    before = tree_digest(out)
+    assert main(argv + ["--output", str(out), "--mlflow-uri", f"sqlite:///{tmp_path}/a.db",
+                        *[paths.get(g, g) for g in given]]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert says.replace("STORAGE", paths["STORAGE"]) in err, err
+    assert tree_digest(out) == before and not (tmp_path / "a.db").exists()
+    assert not (tmp_path / "storage").exists() and not (tmp_path / "other").exists()
