@@ -1,13 +1,17 @@
 """--storage s3://... against moto's S3 server on 127.0.0.1 (the real S3 protocol over HTTP): the sweep's
 checkpoints live only in the bucket; the driver is SIGKILLed with one trial finished and the other mid-
-training, and the same command resumes it from the bucket: nothing retrained, one MLflow run per trial."""
+training, and the same command resumes it from the bucket: nothing retrained, one MLflow run per trial. The
+S3 secret key, which every trial needs, reaches no file of the sweep or of Ray's session and no console."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +21,8 @@ from tests.conftest import REPO, TINY_STEPS, write_tiny_space, read_csv, wait_fo
 pytestmark = pytest.mark.slow  # real Ray sweeps / trained trials
 
 TRIALS = 'Trial(r=8, targets="attention", bits=16, name="a"), Trial(r=4, targets="attention", bits=16, name="b")'
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+SECRET = "s3-secret-7f3a9c2e"  # looked for in every file afterwards
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}  # moto takes any credentials
 
 
@@ -26,15 +31,23 @@ def command(work, endpoint) -> list[str]:
             "--storage", "s3://sweeps/ray", "--storage-endpoint", endpoint, "--mlflow-uri", f"sqlite:///{work}/m.db"]
 
 
-def env(faults=None) -> dict:
-    e = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+@pytest.fixture()
+def ray_tmp():
+    path = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live under it
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def env(ray_tmp, faults=None) -> dict:
+    e = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp)}
     e.pop("LORA_SWEEP_FAULTS", None)
     if faults:
         e["LORA_SWEEP_FAULTS"] = json.dumps(faults)
     return e
 
 
-def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s3_server, model_cache, monkeypatch):
+def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s3_server, model_cache, monkeypatch,
+                                                                     ray_tmp):
     from trainers.checkpoints import final_result, resume_point
 
     for k, v in CREDENTIALS.items():
@@ -57,7 +70,7 @@ def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s
         return point and not done(name) and point[1] >= 6
 
     slow = {"a": {"mode": "slow", "sleep": 0.2}, "b": {"mode": "slow", "sleep": 0.4}}
-    proc = subprocess.Popen(command(tmp_path, s3_server), cwd=tmp_path, env=env(slow), start_new_session=True,
+    proc = subprocess.Popen(command(tmp_path, s3_server), cwd=tmp_path, env=env(ray_tmp, slow), start_new_session=True,
                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: any(done(d) and mid_training(r) for d, r in ("ab", "ba")), 300, "one done, one mid-way", proc)
@@ -70,7 +83,7 @@ def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s
     assert not (tmp_path / "out" / "tune").exists()  # no checkpoint on the driver's disk
 
     start = time.monotonic()
-    again = subprocess.run(command(tmp_path, s3_server), cwd=tmp_path, env=env(), capture_output=True, text=True,
+    again = subprocess.run(command(tmp_path, s3_server), cwd=tmp_path, env=env(ray_tmp), capture_output=True, text=True,
                            timeout=300)
     print(f"resume from S3 took {time.monotonic() - start:.1f}s")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -88,3 +101,10 @@ def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s
     runs = client.search_runs([client.get_experiment_by_name("s3-resume").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["a", "b", "s3-resume"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+    files = [p for root in (tmp_path, ray_tmp) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len([p for p in files if "session_" in str(p) and "/logs/" in str(p)]) > 10, "no Ray session logs found"
+    assert [str(p) for p in files if SECRET.encode() in p.read_bytes()] == []
+    assert SECRET not in again.stdout + again.stderr
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["storage"] == {"uri": "s3://sweeps/ray",
+                                                                                   "endpoint": s3_server}
