@@ -58,7 +58,7 @@ class TrialEvents(Callback):
         param, last = self.param(trial), trial.last_result or {}
         if report_kind(last) == TrialResult.KIND:
             # the result files come through Ray's checkpoint (local, NFS or S3) into the sweep directory, at once
-            checkpoint = copy_result(trial.checkpoint, Path(self.sweep_dir), param["name"]) if trial.checkpoint else None
+            checkpoint = trial.checkpoint and copy_result(trial.checkpoint, Path(self.sweep_dir), param["name"])
             sweepdir.record_trial(self.sweep_dir, param["fingerprint"], param["name"], sweepdir.TERMINATED)
             self.tracker.trial_finished(param, TrialResult.from_dict(last), checkpoint)
             self._console("trial_ended", param["name"], sweepdir.TERMINATED)

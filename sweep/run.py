@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "path or s3://BUCKET/PATH (credentials from each node's AWS_* environment); default: the "
                         "sweep directory, for one machine")
     p.add_argument("--storage-endpoint", metavar="URL",
-                   help="endpoint of an S3-compatible store for --storage s3://... (MinIO, Ceph), e.g. http://minio:9000")
+                   help="endpoint of an S3-compatible store for --storage s3://... (MinIO, Ceph), e.g. "
+                        "http://minio:9000")
     p.add_argument("--trial-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="a custom Ray resource every trial requests, to keep trials on the nodes that offer it "
                         "(ray start --resources='{\"NAME\": N}'); repeatable")

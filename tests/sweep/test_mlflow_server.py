@@ -47,7 +47,8 @@ def test_sweep_against_a_server_restarted_mid_sweep(tmp_path, model_cache):
         from mlflow.artifacts import download_artifacts
 
         client = MlflowClient(uri)
-        runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tracked").experiment_id])}
+        experiment = client.get_experiment_by_name("tracked").experiment_id
+        runs = {r.info.run_name: r for r in client.search_runs([experiment])}
         assert sorted(runs) == ["a", "b", "base", "tracked"]  # no run lost, none twice
         parent = runs["tracked"].info.run_id
         assert {n: r.info.status for n, r in runs.items()} == dict.fromkeys(runs, "FINISHED")
