@@ -243,9 +243,9 @@ class RayCluster:
                 wait_for(lambda: self.nodes(), 180, "ray head and its dashboard", interval=2)
                 return
             except TimeoutError:
-                self.head.stop()
+                self.head.stop(signal.SIGKILL)
             except BaseException:
-                self.head.stop()
+                self.head.stop(signal.SIGKILL)
                 raise
         raise TimeoutError(f"the Ray head did not start twice; see {root}/head.log")
 
@@ -288,12 +288,15 @@ class RayCluster:
         return {n["node_id"] for n in self.nodes() if n["state"] == "ALIVE" and not n["is_head_node"]}
 
     def stop(self) -> None:
+        """SIGKILL: nothing of a test cluster needs a clean exit (SIGTERM cost ~30 s of Ray's teardown)."""
         for service in [*self.workers, self.head]:
-            service.stop()
+            service.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(request):
+    """The module's two-node cluster; the worker node's environment is the module's ``WORKER_ENV`` (trials
+    take theirs from the node that runs them: a fault injection for a named trial, say)."""
     import shutil
     import tempfile
 
@@ -301,7 +304,7 @@ def ray_cluster(tmp_path_factory):
     try:
         cluster = RayCluster(root)
         try:
-            cluster.add_worker()
+            cluster.add_worker(env=getattr(request.module, "WORKER_ENV", None))
             yield cluster
         finally:
             cluster.stop()
@@ -344,4 +347,4 @@ def s3_server(tmp_path_factory):
                      aws_secret_access_key="test").create_bucket(Bucket="sweeps")
         yield endpoint
     finally:
-        service.stop()
+        service.stop(signal.SIGKILL)
