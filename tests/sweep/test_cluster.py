@@ -59,6 +59,7 @@ def test_sweep_as_a_ray_job_runs_every_trial_on_the_worker_node(ray_cluster, tmp
     for name in JOB_TRIALS:
         metrics = json.loads((out / "trials" / name / "metrics.json").read_text())
         assert metrics["node_id"] in workers, name  # ran on the worker node, not the head
+        assert (out / "trials" / name / "heldout.json").is_file(), name  # the error bars' per-example losses
         if name != "base":
             assert (out / "trials" / name / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (tmp_path / "storage").is_dir() and not (out / "tune").exists()  # checkpoints went to --storage

@@ -94,6 +94,9 @@ def test_s3_storage_completes_and_resumes_after_the_driver_is_killed(tmp_path, s
     assert (m[finished]["train_started_at"], m[finished]["train_steps"]) == (before["train_started_at"], TINY_STEPS)
     assert m[running]["resumed_from_step"] >= 6 and m[running]["train_steps"] == TINY_STEPS
     assert (tmp_path / "out" / "trials" / running / "adapter" / "adapter_model.safetensors").is_file()
+    for n in "ab":  # the table's per-example losses came from the bucket with the other result files
+        with fs.open_input_stream(f"{final_result(trial_path(n), fs=fs)}/heldout.json") as f:
+            assert (tmp_path / "out" / "trials" / n / "heldout.json").read_bytes() == f.read(), n
 
     from mlflow import MlflowClient
 
