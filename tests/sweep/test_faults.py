@@ -218,7 +218,8 @@ def test_fresh_moves_the_old_sweep_aside(tmp_path, model_cache):
 def test_ctrl_c_or_sigterm_then_resume(how, tmp_path, model_cache):
     """Ctrl-C (SIGINT to the foreground process group), or SIGTERM to the driver alone (``timeout``, ``kill``,
     a scheduler), mid-training: the driver writes the table with the trial INTERRUPTED, closes its MLflow
-    run as KILLED, says how to resume, and exits 1; no stack dump reaches the console."""
+    run as KILLED, says how to resume, and exits 1; no stack dump reaches the console. The same command then
+    resumes (run after Ctrl-C only: SIGTERM leaves the same records)."""
     write_space(tmp_path)
     proc = start(tmp_path, faults={"a": {"mode": "slow", "sleep": 0.4}})
     start_t = time.monotonic()
@@ -239,6 +240,8 @@ def test_ctrl_c_or_sigterm_then_resume(how, tmp_path, model_cache):
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert "RUNNING" not in {r.info.status for r in runs}
+    if how == "sigterm":  # the same records as Ctrl-C leaves, which the resume below is proven on
+        return
     done = finish(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert metrics(tmp_path, "a")["resumed_from_step"] > 0
