@@ -250,8 +250,9 @@ def quality_rule(metric: str, rows: list[dict] = ()) -> str:
             f"seeds when there are several); sd is the spread over seeds. quality: high = {name} within 2% of the "
             "best configuration's, or within noise of it "
             "(2 standard errors of the difference, seed spread included); medium = within 10%, likewise; low = "
-            f"the rest, a {name} not better than base beyond noise, or generations that loop (>= 50% repeated token "
-            f"3-grams) or are very short (< 5 words). No configuration is labelled above one with a lower {name}. "
+            f"the rest, one whose {name} is not better than base beyond noise, or generations that loop (>= 50% "
+            f"repeated token 3-grams) or are very short (< 5 words). No configuration is labelled above one with a "
+            f"lower {name}. "
             "STOPPED trials (early stopping or a budget) show their last eval loss @ its step and are not ranked."
             + mixed + (f" {name.capitalize()} within noise of the lowest: {', '.join(tied)}." if tied else ""))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sweep.plan import PlannedTrial
-from sweep.summary import CSV_COLUMNS, build_rows, to_markdown, write_csv
+from sweep.summary import CSV_COLUMNS, build_rows, quality_rule, to_markdown, write_csv
 from sweep.sweepdir import ERROR, TERMINATED, TrialOutcome
 from tests.conftest import make_result, read_csv
 from trainers.config import TrialConfig
@@ -223,3 +223,11 @@ def test_a_cut_of_more_than_two_percent_is_a_warning_line():
     small = dict(cut, truncated_rows=40, truncated_pct=100 * 40 / 4500)
     assert truncation_warnings(build_rows(ps, {"a": done(2.0, **small)})) == []
     assert "Warnings" not in to_markdown(build_rows(ps, {"a": done(2.0, **small)}), "t")
+
+
+@pytest.mark.parametrize("loss_on, says", [(("all", "all"), "eval loss"), (("all", "completion"), "response loss")])
+def test_the_quality_rule_names_the_loss_it_compares_on(loss_on, says):
+    rows = [{"loss_on": lo, "config": f"c{i}", "baseline": False} for i, lo in enumerate(loss_on)]
+    rule = quality_rule("eval_loss", rows)
+    assert "{" not in rule and f"one whose {says} is not better than base" in rule
+    assert f"No configuration is labelled above one with a lower {says}." in rule
