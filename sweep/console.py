@@ -228,13 +228,19 @@ class DriverLogs:
         self.buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
         self.buffer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         import mlflow  # noqa: F401 - it sets up its console handler on import: import first, then quiet it
+        self.quiet()
         for name in LIBRARY_LOGGERS:
-            logger = logging.getLogger(name)
-            if not verbose:
-                for h in logger.handlers:
-                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                        h.setLevel(logging.CRITICAL)
-            logger.addHandler(self.buffer)
+            logging.getLogger(name).addHandler(self.buffer)
+
+    def quiet(self) -> None:
+        """Keep the libraries' own console handlers quiet (not with -v). Again once Ray is up: joining a running
+        cluster (--address) sets up Ray's console handler anew, and Tune's INFO notes would reach the console."""
+        if self.verbose:
+            return
+        for name in LIBRARY_LOGGERS:
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.setLevel(logging.CRITICAL)
 
     def to_file(self, out: Path) -> Path:
         path = out / sweepdir.LOGS_DIR / DRIVER_LOG

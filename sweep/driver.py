@@ -206,6 +206,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
         prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
                          if p.cfg.model.startswith("random:")})
     cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
+    logs.quiet()
     try:
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
             shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
