@@ -179,7 +179,7 @@ def materialize_random(name: str, seed: int) -> Path:
     import fcntl
 
     src = _bundled_dir(name)
-    final = cache_root() / "random" / f"{name}-seed{seed}"
+    final = random_checkpoint(name, seed)
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,6 @@ def materialize_random(name: str, seed: int) -> Path:
             torch.set_num_threads(os.cpu_count() or threads)
             with torch.device(_build_device()):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
-            torch.set_num_threads(threads)
             model.save_pretrained(tmp)
             del model
             if torch.cuda.is_available():
@@ -212,6 +211,11 @@ def materialize_random(name: str, seed: int) -> Path:
     return final
 
 
+def random_checkpoint(name: str, seed: int) -> Path:
+    """Where ``random:<name>`` with ``seed`` is materialized in the model cache."""
+    return cache_root() / "random" / f"{name}-seed{seed}"
+
+
 def prebuild_random(models: set[tuple[str, int]]) -> None:
     """Write the sweep's ``random:`` bases before any trial starts (the driver, for trials on this machine).
 
@@ -223,7 +227,7 @@ def prebuild_random(models: set[tuple[str, int]]) -> None:
     import sys
 
     for name, seed in sorted(models):
-        if not (cache_root() / "random" / f"{name}-seed{seed}" / "config.json").is_file():
+        if not (random_checkpoint(name, seed) / "config.json").is_file():
             subprocess.run([sys.executable, "-m", "trainers.models", name, str(seed)], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
