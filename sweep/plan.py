@@ -25,12 +25,15 @@ class PlannedTrial:
 
 # Peak GPU memory per trial, from the architecture. Calibrated against `python -m sweep.bench` on an
 # H200 (OpenLLaMA-3B layout, 20 steps of 16 examples; README "GPU memory"): bytes autograd keeps per
-# token, per layer, per hidden unit without gradient checkpointing, 48 plus 26 times the share of
+# token, per layer, per hidden unit without gradient checkpointing, 36 plus 26 times the share of
 # the layer's input width that carries an adapter (LoRA keeps its own copy of each adapted input);
-# 24 more for the stock 8-bit layers (they keep fp32 and int8 copies of their inputs); 8 with
-# checkpointing (the layer inputs in fp32 and one layer's worth). Logits cost about 10 bytes a token
-# per vocabulary entry (bf16 logits, their fp32 copy, the loss's softmax).
-ACTIVATION_BYTES, ADAPTED_INPUT_BYTES, STOCK_INT8_BYTES, CHECKPOINTED_BYTES = 48.0, 26.0, 24.0, 8.0
+# 12 more where PEFT's k-bit preparation carries the residual stream in fp32 (the reference path; the
+# fast path keeps it 16-bit, trainers.models.prepare_kbit); 24 more for the stock 8-bit layers (they
+# keep fp32 and int8 copies of their inputs); 8 with checkpointing (the layer inputs in fp32 and one
+# layer's worth). Logits cost about 10 bytes a token per vocabulary entry (bf16 logits, their fp32
+# copy, the loss's softmax).
+ACTIVATION_BYTES, ADAPTED_INPUT_BYTES, STOCK_INT8_BYTES, CHECKPOINTED_BYTES = 36.0, 26.0, 24.0, 8.0
+FP32_RESIDUAL_BYTES = 12.0
 LOGIT_BYTES = 10.0
 # Blocks the caching allocator holds beyond the peak (expandable segments on): the base row, whose peak
 # is an evaluation batch, reached 11.1 GiB of its 11.5 GiB estimate and failed on an H200.
@@ -53,13 +56,14 @@ def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
     linear = sum(m.weight.numel() for m in body)
     other = sum(p.numel() for p in model.parameters()) - linear - trainable  # embeddings, norms, lm_head
     weight_bytes = {4: 0.5 + 1 / 64, 8: 1.0 + 4 / conf.hidden_size, 16: 2.0}[cfg.bits]
-    base = linear * weight_bytes + other * (4.0 if is_quantized(cfg.bits) else 2.0)  # k-bit prep upcasts to fp32
+    upcast = is_quantized(cfg.bits) and not uses_fast_kbit(cfg, cfg.bits)  # k-bit prep's fp32 (prepare_kbit)
+    base = linear * weight_bytes + other * (4.0 if upcast else 2.0)
     if uses_fast_kbit(cfg, cfg.bits):
         base += linear * 2.0
     adapter = trainable * (4 + 4 + 8)  # weights, gradients, AdamW moments (fp32)
     adapted = sum(m.in_features for n, m in model.named_modules() if hasattr(m, "lora_A") and "lm_head" not in n)
     share = adapted / max(sum(m.in_features for m in body), 1)
-    per_token = ACTIVATION_BYTES + ADAPTED_INPUT_BYTES * share
+    per_token = ACTIVATION_BYTES + ADAPTED_INPUT_BYTES * share + (FP32_RESIDUAL_BYTES if upcast else 0.0)
     if cfg.bits == 8 and not uses_fast_kbit(cfg, 8):
         per_token += STOCK_INT8_BYTES
     if cfg.gradient_checkpointing:

@@ -79,6 +79,15 @@ def _mask(*args, attention_mask=None, **kwargs):
     return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def compile_safe() -> None:
+    """Keep the attention function out of torch.compile graphs (its layout is built on the host)."""
+    global varlen_attention
+    if not getattr(varlen_attention, "_lora_sweep_disabled", False):
+        varlen_attention = torch.compiler.disable(varlen_attention)
+        varlen_attention._lora_sweep_disabled = True
+        register()
+
+
 def register() -> str:
     """Make ``NAME`` a valid ``attn_implementation`` for every model; returns it."""
     from transformers import AttentionInterface

@@ -129,6 +129,9 @@ class Settings:
     fast_kbit: bool = True
     """Fast path with a 4/8-bit base: keep a 16-bit copy of the frozen weights (+2 bytes a parameter) so
     no step dequantizes them again, and run LLM.int8 without its host syncs (``trainers/kbit.py``)."""
+    compile: bool = False
+    """Fast path: ``torch.compile`` each decoder layer for training (``trainers/compiling.py``); evaluation and
+    generation stay eager. Costs a compile per trial (cached on disk for the next trial of the same shape)."""
     data_format: Literal["post", "alpaca", "prompt_completion", "messages", "text"] = "post"
     """How a row becomes a training example: ``post`` (product, category, description, in the post's
     instruction and template), ``alpaca`` (instruction, input, output), ``prompt_completion``, ``messages``
@@ -277,8 +280,10 @@ class TrialConfig(Settings):
         if not out and self.seeds > 1:  # the repeats train with seed, seed + 1, ..., seed + seeds - 1
             check("seed", self.seed + self.seeds - 1 < SEED_LIMIT,
                   f"must leave room below 2**32 for seeds={self.seeds} training seeds (seed, seed + 1, ...)")
-        for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit"):
+        for name in ("gradient_checkpointing", "trust_remote_code", "fast_kbit", "compile"):
             check(name, isinstance(getattr(self, name), bool), "must be true or false")
+        check("compile", self.compile is not True or self.trainer == "fast",
+              "compiles the fast trainer path only: set trainer=fast or compile=false")
         check("data_format", self.data_format in FORMAT_FIELDS, f"must be one of {', '.join(FORMAT_FIELDS)}")
         if self.data_format in FORMAT_FIELDS:
             self._data_problems(check)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from peft import PeftModel, prepare_model_for_kbit_training
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from trainers.config import TrialConfig, is_quantized
 from trainers.data import build_splits
 from trainers.evaluate import split_losses
-from trainers.models import checkpoint_path, load_base, load_tokenizer
+from trainers.models import checkpoint_path, load_base, load_tokenizer, prepare_kbit
 
 MERGE_BASES = ("trial", "original")
 STORE_DTYPES = ("float32", "bfloat16", "float16")
@@ -79,9 +79,9 @@ def load_adapted(cfg: TrialConfig, adapter_dir, base: str = "trial") -> tuple[Pe
     else:
         model = load_base(dataclasses.replace(cfg, bits=16), checkpoint_path(cfg), dtype=torch.float32)
     if base == "trial" and is_quantized(cfg.bits):
-        # As the trial did: on GPU this upcasts the unquantized layers (embeddings, norms, lm_head) from bf16 to fp32,
-        # which the trial's eval_loss was measured with. A no-op on CPU, where everything is fp32 already.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # As the trial did (its unquantized layers in fp32 on the reference path, 16-bit on the fast one), which
+        # the trial's eval_loss was measured with. A no-op on CPU, where everything is fp32 already.
+        model = prepare_kbit(model, cfg, gradient_checkpointing=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir))  # is_trainable=False: eval mode, frozen
     # The trial saved the tokenizer it trained with (pad token included) next to its adapter.
     tokenizer = load_tokenizer(str(adapter_dir), cfg.trust_remote_code)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model
 from transformers import PrinterCallback, TrainerCallback
 
-from trainers import checkpoints, faults
+from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
                              HELDOUT_FILE, METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig,
                              TrialResult, is_quantized, perplexity)
@@ -29,7 +29,8 @@ from trainers.evaluate import (format_generations, generate, generation_metrics,
                                quality_prompts)
 from trainers.formats import chat_template_problem
 from trainers.guards import FiniteLossGuard, check_finite
-from trainers.models import GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config, tokenizer_path
+from trainers.models import (GPU_SHARE_ENV, checkpoint_path, load_base, load_tokenizer, lora_config, prepare_kbit,
+                             tokenizer_path)
 from trainers.sft import length_stats, make_trainer, tokenize, trl_columns, trl_ready
 from trainers.sysmetrics import SystemSampler
 
@@ -164,7 +165,7 @@ def setup(cfg: TrialConfig) -> Setup:
     model = load_base(cfg, path)
     bnb = quantized_layers(model)
     if is_quantized(cfg.bits):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_kbit(model, cfg, cfg.gradient_checkpointing)
     # The baseline gets an adapter too: PEFT starts every lora_B at zero, so the untrained adapter is exactly
     # the base model, and its eval loss and generations come from the very same code as a trial's.
     # Seeded here, not only at the start: building a random: base (done by whichever trial gets there
@@ -193,7 +194,14 @@ def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from
         torch.cuda.reset_peak_memory_stats()
     started_at, start = time.time(), time.perf_counter()
     if not cfg.baseline:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        compiled = cfg.compile and cfg.trainer == "fast"
+        if compiled:
+            compiling.compile_layers(s.model)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            if compiled:
+                compiling.uncompile_layers(s.model)
     if cfg.device == "cuda":
         torch.cuda.synchronize()
     return Training(trainer, started_at, time.perf_counter() - start, trainer.real_tokens, steps.losses)

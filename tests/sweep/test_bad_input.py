@@ -112,6 +112,8 @@ CASES = {
     "max_seq_length beyond the model": (lambda t: space(t) + ["--set", "max_seq_length=1024"],
                                         "field 'max_seq_length': 1024 exceeds the model's 512 positions"),
     "seeds zero": (lambda t: space(t) + ["--set", "seeds=0"], "field 'seeds' must be an integer from 1 to 100"),
+    "compile on the reference path": (lambda t: space(t) + ["--set", "trainer=reference", "--set", "compile=true"],
+                                      "field 'compile' compiles the fast trainer path only"),
     "seed repeats beyond 2**32": (lambda t: space(t) + ["--set", "seed=4294967294", "--set", "seeds=3"],
                                   "field 'seed' must leave room below 2**32 for seeds=3 training seeds"),
     "max_seq_length beyond the demo base": (lambda t: space(t) + ["--set", "model=bundled:desc-llama", "--set",

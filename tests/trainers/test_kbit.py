@@ -76,3 +76,24 @@ def test_8bit_layer_is_llm_int8(model_cache, dtype, tolerance):
     kbit.patch(torch.nn.Sequential(int8_only), dtype)
     int8_error = ((int8_only(x).detach() - ref_out).norm() / ref_out.norm()).item()
     assert int8_error > max(1e-3, 3 * error)
+
+
+@pytest.mark.parametrize("trainer, unquantized", [("fast", torch.bfloat16), ("reference", torch.float32)])
+def test_kbit_preparation_keeps_the_unquantized_layers_16_bit_on_the_fast_path_only(model_cache, trainer,
+                                                                                   unquantized):
+    """PEFT's k-bit preparation upcasts embeddings, norms and lm_head to fp32 (the reference path, as the post
+    ran it); the fast path keeps them in the compute dtype, as a 16-bit base trains. Either way the whole
+    base is frozen and the quantized weights are untouched."""
+    from trainers.models import prepare_kbit
+
+    cfg = TrialConfig(name="t", index=0, model="random:tiny-llama", dataset="d", device="cpu", r=8,
+                      targets="attention", bits=4, trainer=trainer)
+    model = load_base(cfg, str(materialize_random("tiny-llama", cfg.seed)), dtype=torch.bfloat16)
+    quantized = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    model = prepare_kbit(model, cfg, gradient_checkpointing=False)
+    params = dict(model.named_parameters())
+    unq = [n for n in params if n not in quantized]
+    assert len(quantized) == 14 and len(unq) == 2 * 2 + 3  # 2 layers x 2 norms, embeddings, final norm, lm_head
+    assert {params[n].dtype for n in unq} == {unquantized}
+    assert {n: (params[n].dtype, params[n].data_ptr()) for n in quantized} == quantized
+    assert not any(p.requires_grad for p in params.values())

@@ -263,3 +263,38 @@ def test_a_restricted_loss_trains_the_same_on_both_paths(model_cache, tmp_path, 
         losses[path] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses["fast"]) == 4
     assert losses["fast"] == pytest.approx(losses["reference"], rel=1e-5)
+
+
+@pytest.mark.slow  # trains twice and compiles (about 40 s on two cores)
+def test_compiled_layers_train_the_same_losses_as_eager(model_cache, tmp_path, monkeypatch):
+    """``compile=true`` (torch.compile per decoder layer, fast path) changes how the step runs, not what it
+    computes: the same per-step losses as eager to float rounding (measured: 5e-7 relative on the CPU), the
+    layers really compiled, and back to eager for evaluation and generation."""
+    import torch._dynamo
+
+    from trainers import compiling
+    from trainers.trial import run_trial
+
+    released, uncompile = [], compiling.uncompile_layers
+
+    def compiled_layers(model):
+        return [layer._compiled_call_impl is not None for layer in compiling.decoder_layers(model)]
+
+    def spy(model):
+        released.append(compiled_layers(model))
+        uncompile(model)
+        released.append(compiled_layers(model))
+
+    monkeypatch.setattr(compiling, "uncompile_layers", spy)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        steps = []
+        cfg = dataclasses.replace(trial_cfg("fast", "all_linear", 4), compile=compiled, epochs=0.5)
+        result = run_trial(cfg, tmp_path / str(compiled), report=steps.append)
+        runs[compiled] = (result, [s["loss"] for s in steps if s["report"] == "step"])
+    assert released == [[True, True], [False, False]]  # both layers compiled for training, eager for evaluation
+    (eager, eager_losses), (comp, comp_losses) = runs[False], runs[True]
+    assert len(comp_losses) == len(eager_losses) == 9
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert comp.eval_loss == pytest.approx(eager.eval_loss, rel=1e-5)
