@@ -2,18 +2,22 @@
 
     python -m sweep.bench --set dataset=data/products.jsonl                      # the paper grid, 20 steps
     python -m sweep.bench --steps 30 --paths reference,fast --out bench.json
-    python -m sweep.bench search_spaces/smoke.py --set device=cpu --steps 3      # the plumbing, on a CPU
+    python -m sweep.bench --paths fast,compiled --steps 40                       # what compile=True buys
+    python -m sweep.bench search_spaces/smoke.py --set model=bundled:desc-llama --set device=cpu --steps 3 --warmup 1
 
 For each trial of the space (default: the paper grid on ``random:open_llama_3b_v2``, the post's
 architecture with random weights), it runs the real trial function (``trainers.trial.run_trial``:
 load, train ``--steps`` optimizer steps, evaluate, generate) once per path, in this process, one after
-the other, and reports per run: real (unpadded) tokens per second of training, MFU, peak GPU memory,
-seconds outside training (setup + eval + generation), and the held-out loss after the same steps.
+the other, and reports per run: real (unpadded) tokens per second of training (over all steps, and
+"steady" over the steps after the first ``--warmup``, which leaves out start-up and compiling), MFU,
+peak GPU memory, seconds outside training (setup + eval + generation), and the held-out loss after the
+same steps.
 
 Paths: ``reference`` is the project's original trial path as the space ran it (TRL's SFTTrainer,
 ``batch_size`` padded micro-batches, ``grad_accum`` of them per step, gradient checkpointing on);
-``fast`` is the space as written (``trainer="fast"``). The result to read is the ratio fast/reference,
-measured in the same run: the GPUs are shared and absolute times drift.
+``fast`` is the space as written (``trainer="fast"``); ``compiled`` is ``fast`` with ``compile=True``.
+The result to read is the ratio to the reference (or, without one, to the first path), measured in the
+same run: the GPUs are shared and absolute times drift.
 
 MFU counts 4 x (parameters of the frozen base's matrix multiplies, lm_head included) FLOPs per trained
 token (forward, plus the backward pass's input gradients; the frozen base gets no weight gradients),
@@ -36,6 +40,7 @@ from pathlib import Path
 from sweep.cli import ArgumentParser, UserError, exit_code
 
 REFERENCE = {"trainer": "reference", "gradient_checkpointing": True, "compile": False}  # the first path, as it ran
+PATHS = {"reference": REFERENCE, "fast": {"trainer": "fast"}, "compiled": {"trainer": "fast", "compile": True}}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_SETS = ("model=random:open_llama_3b_v2",)
 
@@ -46,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a setting (applied after the defaults {', '.join(DEFAULT_SETS)})")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
-    p.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast (default both)")
+    p.add_argument("--paths", default="reference,fast",
+                   help="comma-separated, in order: reference, fast, compiled (default reference,fast)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the steady tokens/s (default 5)")
     p.add_argument("--trials", help="comma-separated trial names (default: every trial of the space)")
     p.add_argument("--out", help="write every run's numbers as JSON here")
     return p.parse_args(argv)
@@ -66,15 +73,34 @@ def gpu_peak(name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def one_run(cfg, path: str, flops_per_token: float) -> dict:
+def steady_rate(steps: list[tuple[float, dict]], warmup: int) -> float | None:
+    """Tokens/s over the logged steps after the first ``warmup``: each report's rate times the time since the
+    one before (the interval it was measured over); None when no step is left after the warm-up."""
+    timed = [(t1 - t0, r1) for (t0, _), (t1, r1) in zip(steps, steps[1:]) if r1["step"] > warmup]
+    seconds = sum(dt for dt, _ in timed)
+    return sum(dt * r["tokens_per_second"] for dt, r in timed) / seconds if seconds > 0 else None
+
+
+def run_config(cfg, path: str):
+    # every step logged, on every path alike, for the steady rate
+    return dataclasses.replace(cfg, **PATHS[path], logging_steps=1)
+
+
+def one_run(cfg, path: str, flops_per_token: float, warmup: int = 5) -> dict:
     import torch
 
     from trainers.trial import run_trial
 
-    run_cfg = dataclasses.replace(cfg, **REFERENCE) if path == "reference" else cfg
+    run_cfg = run_config(cfg, path)
+    steps: list[tuple[float, dict]] = []
+
+    def report(r: dict) -> None:
+        if r["report"] == "step":
+            steps.append((time.perf_counter(), r))
+
     with tempfile.TemporaryDirectory(prefix="lora-sweep-bench-") as tmp:
         start = time.perf_counter()
-        r = run_trial(run_cfg, Path(tmp) / "trial")
+        r = run_trial(run_cfg, Path(tmp) / "trial", report=report)
         wall = time.perf_counter() - start
     gc.collect()
     if cfg.device == "cuda":
@@ -83,22 +109,31 @@ def one_run(cfg, path: str, flops_per_token: float) -> dict:
     peak = gpu_peak(r.device_name)
     return {"trial": cfg.name, "path": path, "device": r.device_name, "steps": r.train_steps,
             "real_tokens": r.train_tokens, "train_seconds": r.train_seconds, "tokens_per_second": tps,
+            "steady_tokens_per_second": steady_rate(steps, warmup), "warmup_steps": warmup,
             "mfu": tps * flops_per_token / peak if peak else None, "peak_gpu_mem_gb": r.peak_gpu_mem_gb,
             "setup_seconds": r.setup_seconds, "eval_seconds": r.eval_seconds, "generate_seconds": r.generate_seconds,
             "outside_training_seconds": wall - r.train_seconds, "eval_loss": r.eval_loss,
             "train_loss_last": r.train_loss_last, "config": dataclasses.asdict(run_cfg)}
 
 
-def table(runs: list[dict]) -> str:
-    lines = ["| trial | path | tokens/s | x ref | MFU | peak GiB (est.) | outside training s | eval loss | vs ref |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    ref = {r["trial"]: r for r in runs if r["path"] == "reference"}
+def table(runs: list[dict], paths: list[str]) -> str:
+    """One row per run; ratios and the eval loss drift against the same trial's run on the first path."""
+    first = paths[0]
+    lines = [f"| trial | path | tokens/s | x {first} | steady tokens/s | x {first} | MFU | peak GiB (est.) | "
+             f"outside training s | eval loss | vs {first} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = {r["trial"]: r for r in runs if r["path"] == first}
+
+    def ratio(r, base, key):
+        return f"{r[key] / base[key]:.2f}" if base and r[key] and base[key] else "-"
+
     for r in runs:
         base = ref.get(r["trial"])
-        ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}" if base else "-"
         drift = f"{(r['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2%}" if base else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['trial']} | {r['path']} | {r['tokens_per_second']:,.0f} | {ratio} | {mfu} | "
+        steady = f"{r['steady_tokens_per_second']:,.0f}" if r["steady_tokens_per_second"] else "-"
+        lines.append(f"| {r['trial']} | {r['path']} | {r['tokens_per_second']:,.0f} | "
+                     f"{ratio(r, base, 'tokens_per_second')} | {steady} | "
+                     f"{ratio(r, base, 'steady_tokens_per_second')} | {mfu} | "
                      f"{r['peak_gpu_mem_gb']:.1f} ({r.get('estimated_gpu_gb', 0):.1f}) | "
                      f"{r['outside_training_seconds']:.1f} | {r['eval_loss']:.4f} | {drift} |")
     return "\n".join(lines)
@@ -109,12 +144,17 @@ def bench(args: argparse.Namespace) -> int:
     from sweep.plan import plan
 
     paths = args.paths.split(",")
-    if not set(paths) <= {"reference", "fast"} or args.steps < 1:
-        raise UserError("--paths takes reference and/or fast; --steps must be >= 1")
+    if not paths or not set(paths) <= set(PATHS) or len(set(paths)) != len(paths):
+        raise UserError(f"--paths takes one or more of {', '.join(PATHS)}, each once; got '{args.paths}'")
+    if args.steps < 1 or args.warmup < 0 or args.warmup >= args.steps:
+        raise UserError(f"--steps must be >= 1 and --warmup in [0, steps); got --steps {args.steps} "
+                        f"--warmup {args.warmup}")
     sets = parse_sets([*DEFAULT_SETS, *args.set, f"max_steps={args.steps}"])
     configs = [p.cfg for p in plan(expand(load_space(args.space), args.space, sets), args.space)]
     if args.trials:
         configs = [c for c in configs if c.name in args.trials.split(",")]
+    if not configs:
+        raise UserError(f"--trials {args.trials}: no such trial in {args.space}")
     flops = 4 * matmul_params(configs[0])
     from trainers.models import checkpoint_path
 
@@ -123,9 +163,9 @@ def bench(args: argparse.Namespace) -> int:
     runs, failed = [], []
     for cfg in configs:
         for path in paths:
-            run_cfg = dataclasses.replace(cfg, **REFERENCE) if path == "reference" else cfg
             try:
-                runs.append({**one_run(cfg, path, flops), "estimated_gpu_gb": plan([run_cfg], args.space)[0].gpu_gb})
+                runs.append({**one_run(cfg, path, flops, args.warmup),
+                             "estimated_gpu_gb": plan([run_config(cfg, path)], args.space)[0].gpu_gb})
             except Exception as e:  # noqa: BLE001 - one broken run must not cost the others (GPU time is scarce)
                 failed.append(f"{cfg.name} {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 print(f"FAILED {failed[-1]}", flush=True)
@@ -136,7 +176,7 @@ def bench(args: argparse.Namespace) -> int:
                                                       "flops_per_token": flops}, indent=1))
     device = runs[0]["device"] if runs else "?"
     print(f"\n{configs[0].model} on {device}, {args.steps} optimizer steps per run, "
-          f"{flops / 4:.3g} matmul parameters\n\n{table(runs)}", flush=True)
+          f"{flops / 4:.3g} matmul parameters\n\n{table(runs, paths)}", flush=True)
     return 1 if failed else 0
 
 

@@ -322,6 +322,15 @@ def load_base(cfg, path: str, dtype: torch.dtype | None = None) -> torch.nn.Modu
     )
     if uses_fast_kbit(cfg, cfg.bits):
         kbit.patch(model, dtype)
+    elif cfg.bits == 4 and cfg.device != "cuda":
+        # bitsandbytes 0.50 repacks a 4-bit weight in place for its AVX512-bf16 CPU kernel on the first call
+        # without gradients (evaluation), and fails on a layer whose input width is not a multiple of its
+        # 64-value blocks (desc-llama's 352-wide down_proj). Its generic CPU path computes the same product.
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
