@@ -1,7 +1,7 @@
 """``torch.compile`` for the fast path, one decoder layer at a time (``Settings.compile``).
 
 A 3B LoRA step at the paper's 16 x ~150 tokens is bound by kernel launches, not by the GPU's math: a
-profile on an H200 showed ~5,600 launches a step for all-linear r8, the GPU busy under half the time.
+profile on an H200 showed ~5,700 launches a step for all-linear r8, the GPU busy 38% of the time.
 Compiling each decoder layer fuses its norms, rotary embedding, LoRA dropout/scale/add and casts, and
 runs the rest through Inductor's lighter wrapper. "Regional" compilation (transformers' and PyTorch's
 recommendation): all layers share one compiled graph, so it costs one compile per layer shape, not 26;

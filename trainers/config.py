@@ -128,7 +128,8 @@ class Settings:
     """Stop after this many optimizer steps (0: train the full ``epochs``); for quick checks and benchmarks."""
     fast_kbit: bool = True
     """Fast path with a 4/8-bit base: keep a 16-bit copy of the frozen weights (+2 bytes a parameter) so
-    no step dequantizes them again, and run LLM.int8 without its host syncs (``trainers/kbit.py``)."""
+    no step dequantizes them again, run LLM.int8 without its host syncs (``trainers/kbit.py``), and keep the
+    unquantized layers in the compute dtype where PEFT upcasts them to fp32 (``trainers.models.prepare_kbit``)."""
     compile: bool = False
     """Fast path: ``torch.compile`` each decoder layer for training (``trainers/compiling.py``); evaluation and
     generation stay eager. Costs a compile per trial (cached on disk for the next trial of the same shape)."""

@@ -342,7 +342,7 @@ def prepare_kbit(model: torch.nn.Module, cfg, gradient_checkpointing: bool) -> t
     compute dtype instead, as a 16-bit base trains: in fp32 they carried the whole residual stream in fp32,
     so every quantized and LoRA layer cast its input down and its output back up, and lm_head's 400 MB
     weight was cast again on every step; a profile on an H200 showed those casts as 28% of the step's
-    GPU time and a quarter of its kernel launches. The adapters stay fp32 (PEFT's autocast_adapter_dtype)
+    GPU time (all-linear r8, 4-bit). The adapters stay fp32 (PEFT's autocast_adapter_dtype)
     and the step runs under bf16 autocast either way; the bench's eval-loss drift measures the difference.
     """
     from peft import prepare_model_for_kbit_training
