@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sweep.axes import ASHA, Axis, Budget, Choice, FloatRange, IntRange, MedianStopping, Search
 from sweep.space import SETTABLE, Space, SpaceError
-from trainers.config import TrialConfig, targets_from_label, targets_label, trial_name
+from trainers.config import TrialConfig, identity, targets_from_label, targets_label, trial_name
 
 # Settings a search may not vary, and why: trials must stay comparable on one held-out split and eval.
 NOT_SEARCHABLE = {
@@ -59,7 +59,7 @@ class SearchSpec:
 
     def identity(self) -> str:
         """What an --extend must keep: the shared values, the axes, the algorithm and its seed."""
-        return _digest({"fixed": self.fixed, "axes": self.axes, "algorithm": self.search.algorithm,
+        return _digest({"fixed": identity(self.fixed), "axes": self.axes, "algorithm": self.search.algorithm,
                         "seed": self.search.seed})
 
 

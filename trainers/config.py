@@ -221,6 +221,17 @@ def name_problem(name) -> str | None:
     return None
 
 
+# Settings added after sweeps may already exist, each with the value that reproduces what those sweeps ran:
+# left out of fingerprints at that value, so a sweep an earlier version started still resumes (and --extends)
+# after an upgrade instead of reading as "started from a different space". Add each new setting here.
+NEUTRAL_WHEN = {"compile": False}
+
+
+def identity(values: dict) -> dict:
+    """``values`` (a config or a space's shared settings) without the settings at their neutral value."""
+    return {k: v for k, v in values.items() if not (k in NEUTRAL_WHEN and v is NEUTRAL_WHEN[k])}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrialConfig(Settings):
     """Everything one trial needs, fully resolved. Built by the driver; read by ``trainers``."""
@@ -377,7 +388,7 @@ class TrialConfig(Settings):
     @property
     def fingerprint(self) -> str:
         """Identity of this trial across restarts: ledger key and MLflow tag."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(identity(self.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialConfig":
