@@ -107,7 +107,7 @@ def read_curves(out: Path, names: list[str]) -> dict[str, dict[str, list[tuple[i
     for name in names:
         train, evals = {}, {}
         fs, dirs = trial_dirs(out, name)  # the sweep directory, or its --storage
-        lines = next(filter(None, (read_file(fs, f"{d}/result.json") for d in dirs)), "").splitlines()
+        lines = next(filter(None, (read_file(fs, d, "result.json") for d in dirs)), "").splitlines()
         for line in lines:
             try:
                 rep = json.loads(line)

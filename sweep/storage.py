@@ -121,11 +121,12 @@ def trial_dirs(out: Path, name: str) -> tuple[object, list[str]]:
     return fs or LocalFileSystem(), [f"{root}/{e['name']}/{name}" for e in sweepdir.experiments(manifest)]
 
 
-def read_file(fs, path: str) -> str | None:
+def read_file(fs, directory: str, name: str) -> str | None:
     """A file's text on ``fs``; None when it is not there (or the store does not answer)."""
+    from trainers.checkpoints import read_text
+
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
+        return read_text(directory, name, fs)
     except (OSError, ValueError):
         return None
 

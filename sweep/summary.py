@@ -23,7 +23,7 @@ from sweep.plan import PlannedTrial
 from sweep.quality import Group, assess
 from sweep.quality import finite as _finite
 from sweep.sweepdir import TrialOutcome
-from trainers.config import GENERATIONS_JSON, HELDOUT_FILE, perplexity
+from trainers.config import GENERATIONS_JSON, HELDOUT_FILE, POST_END_MARKER, perplexity
 
 # Settings besides r, targets and bits that a search may vary: in summary.csv always, in summary.md when they vary.
 HYPER = ("lora_alpha", "alpha_rule", "lora_dropout", "learning_rate", "epochs", "batch_size", "grad_accum",
@@ -314,7 +314,7 @@ def dry_run_table(planned: list[PlannedTrial]) -> str:
 
 
 def samples_markdown(rows: list[dict], generations: dict[str, list[dict]], max_new_tokens: int,
-                     end_marker: str = "### End") -> str:
+                     end_marker: str = POST_END_MARKER) -> str:
     """Every prompt, with the base model's and each trial's generation side by side (DIR/samples.md)."""
     order = [r for r in rows if r["trial_id"] in generations]
     if not any(generations[r["trial_id"]] for r in order):

@@ -41,8 +41,7 @@ def read_seal(directory, fs=None) -> dict | None:
 
     fs, path = _on(fs, directory)
     try:
-        with fs.open_input_stream(f"{path}/{SEAL}") as f:
-            meta = json.loads(f.read())
+        meta = read_json(path, SEAL, fs)
         sizes = {i.path[len(path) + 1:]: i.size for i in fs.get_file_info(FileSelector(path, recursive=True))
                  if i.type == FileType.File}
         complete = all(sizes.get(name) == size for name, size in meta["files"].items())
@@ -53,9 +52,7 @@ def read_seal(directory, fs=None) -> dict | None:
 
 def read_json(directory, name: str, fs=None):
     """A JSON file of a checkpoint, a local path or one on ``fs``."""
-    fs, path = _on(fs, directory)
-    with fs.open_input_stream(f"{path}/{name}") as f:
-        return json.loads(f.read())
+    return json.loads(read_text(directory, name, fs))
 
 
 def _on(fs, directory) -> tuple:

@@ -177,6 +177,11 @@ class Settings:
         return fields_[:-1] if self.response_field else fields_
 
     @property
+    def required_prompt_fields(self) -> tuple[str, ...]:
+        """The prompt's fields a row (or an eval prompt) must have: all but the optional ones (alpaca's input)."""
+        return tuple(f for f in self.prompt_fields if f not in OPTIONAL_FIELDS)
+
+    @property
     def conversational(self) -> bool:
         """Rendered with the chat template (a ``messages`` dataset, or ``template="chat"``)."""
         return self.data_format == "messages" or self.template == CHAT
@@ -352,19 +357,18 @@ class TrialConfig(Settings):
         if self.data_format == "messages":
             return ("must be a list of prompts, each a string or a list of {role, content} messages ending with a "
                     "user turn")
-        needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
+        needed = self.required_prompt_fields
         one = f" or a string (the {needed[0]})" if len(needed) == 1 else ""
         return f"must be a list of prompts, each a dict of {', '.join(self.prompt_fields)} as text{one}"
 
     def _prompt_ok(self, p) -> bool:
+        needed = self.required_prompt_fields
         if isinstance(p, str):
-            needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
             return p != "" and (self.data_format == "messages" or len(needed) == 1)
         if self.data_format == "messages":
             return (isinstance(p, (list, tuple)) and len(p) > 0 and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in p) and p[-1]["role"] == "user")
-        needed = [f for f in self.prompt_fields if f not in OPTIONAL_FIELDS]
         return (isinstance(p, dict) and set(needed) <= set(p) <= set(self.prompt_fields)
                 and all(isinstance(v, str) for v in p.values()))
 

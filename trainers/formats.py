@@ -15,7 +15,7 @@ Beside those, every row carries what evaluation needs: ``eval_prompt`` (where a 
 
 from __future__ import annotations
 
-from trainers.config import CHAT, OPTIONAL_FIELDS, Settings
+from trainers.config import CHAT, OPTIONAL_FIELDS, POST_END_MARKER, Settings
 
 POST_INSTRUCTION = ("Create a detailed description for the following product: {product}, belonging to category: "
                     "{category}")
@@ -43,7 +43,7 @@ def prompt(product: str, category: str) -> str:
 
 def format_row(product: str, category: str, description: str) -> str:
     """One of the post's training texts: its prompt, the description and the end marker."""
-    return prompt(product, category) + f"{description}\n### End"
+    return prompt(product, category) + f"{description}\n{POST_END_MARKER}"
 
 
 def prompt_text(cfg: Settings, fields: dict[str, str]) -> str:
@@ -131,7 +131,7 @@ def space_prompt(cfg: Settings, entry) -> dict:
     if cfg.data_format == "text":
         return {"title": short(entry), "prompt": entry}
     if isinstance(entry, str):  # the one required field
-        entry = {next(f for f in cfg.prompt_fields if f not in OPTIONAL_FIELDS): entry}
+        entry = {cfg.required_prompt_fields[0]: entry}
     fields = {f: entry.get(f, "") for f in cfg.prompt_fields}
     text = [{"role": "user", "content": user_turn(cfg, fields)}] if cfg.template == CHAT else prompt_text(cfg, fields)
     return {"title": title(cfg, fields), "prompt": text}

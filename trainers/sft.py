@@ -174,9 +174,9 @@ def length_stats(tokenized, max_length: int, dropped: int) -> dict:
 
 
 def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), checkpoints: bool = False,
-                 tokenized=None) -> SFTTrainer:
-    """The trial's SFTTrainer; ``tokenized`` is the train split through ``tokenize`` (the fast path's data),
-    when the caller has it already."""
+                 train_data=None) -> SFTTrainer:
+    """The trial's SFTTrainer; ``train_data`` is the train split through ``tokenize`` and ``trl_ready`` (the fast
+    path's data), when the caller has it already."""
     fast = cfg.trainer == "fast"
     cuda = cfg.device == "cuda"
     args = SFTConfig(
@@ -214,9 +214,10 @@ def make_trainer(cfg, model, tokenizer, splits, output_dir: str, callbacks=(), c
         dataloader_num_workers=0,
     )
     if fast:
-        if tokenized is None:
+        if train_data is None:
             tokenized = tokenize(trl_columns(splits["train"]), tokenizer, cfg.max_seq_length, cfg.loss_on)
-        train = trl_ready(tokenized, cfg.loss_on)[0]
+            train_data = trl_ready(tokenized, cfg.loss_on)[0]
+        train = train_data
     else:
         train = trl_columns(splits["train"])
     trainer_cls = LogitsLossSFTTrainer if adapts_output_head(model) or fast else CountingSFTTrainer

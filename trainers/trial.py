@@ -131,11 +131,11 @@ def device_info(cuda: bool) -> dict:
 
 @dataclass
 class Setup:
-    """What steps 1-3 build: the data (and its train split tokenized, with what max_seq_length cut from it),
-    the tokenizer, the base with its (untrained) LoRA adapter."""
+    """What steps 1-3 build: the data (and its train split tokenized as the fast path trains on it, with what
+    max_seq_length cut from it), the tokenizer, the base with its (untrained) LoRA adapter."""
 
     splits: object
-    train_tokens: object
+    train_data: object
     lengths: dict
     tokenizer: object
     model: torch.nn.Module
@@ -161,7 +161,8 @@ def setup(cfg: TrialConfig) -> Setup:
     if (problem := chat_template_problem(cfg, tokenizer)) is not None:
         raise DataError(f"field '{problem[0]}': {problem[1]}")
     train_tokens = tokenize(trl_columns(splits["train"]), tokenizer, cfg.max_seq_length, cfg.loss_on)
-    lengths = length_stats(train_tokens, cfg.max_seq_length, dropped=trl_ready(train_tokens, cfg.loss_on)[1])
+    train_data, dropped = trl_ready(train_tokens, cfg.loss_on)
+    lengths = length_stats(train_tokens, cfg.max_seq_length, dropped)
     model = load_base(cfg, path)
     bnb = quantized_layers(model)
     if is_quantized(cfg.bits):
@@ -175,7 +176,7 @@ def setup(cfg: TrialConfig) -> Setup:
     trainable, total = model.get_nb_trainable_parameters()
     if cfg.baseline:
         trainable, total = 0, total - trainable
-    return Setup(splits, train_tokens, lengths, tokenizer, model, bnb, trainable, total)
+    return Setup(splits, train_data, lengths, tokenizer, model, bnb, trainable, total)
 
 
 def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from: Path | None, resume_step: int,
@@ -187,20 +188,19 @@ def train(cfg: TrialConfig, s: Setup, out_dir: Path, report: Report, resume_from
     callbacks = [FiniteLossGuard(), steps, *([evals] if evals else []),
                  *([CheckpointReporter(on_checkpoint, evals)] if on_checkpoint else []), *faults.injectors(cfg.name)]
     trainer = make_trainer(cfg, s.model, s.tokenizer, s.splits, str(out_dir / "hf"), callbacks=callbacks,
-                           checkpoints=on_checkpoint is not None, tokenized=s.train_tokens)
+                           checkpoints=on_checkpoint is not None, train_data=s.train_data)
     steps.tokens = lambda: trainer.real_tokens
     trainer.remove_callback(PrinterCallback)  # steps go to the driver, not to the worker's stdout
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started_at, start = time.time(), time.perf_counter()
     if not cfg.baseline:
-        compiled = cfg.compile and cfg.trainer == "fast"
-        if compiled:
+        if cfg.compile:  # the fast path's (validation refuses it on the reference path)
             compiling.compile_layers(s.model)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
-            if compiled:
+            if cfg.compile:
                 compiling.uncompile_layers(s.model)
     if cfg.device == "cuda":
         torch.cuda.synchronize()
