@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sweep import cluster, storage, sweepdir
+from sweep import cluster, mps, storage, sweepdir
 from sweep.cli import RunError, UserError
 from sweep.cluster import LOOPBACK
 from sweep.lock import locked
@@ -49,6 +49,7 @@ class SweepOptions:
     storage: str | None = None
     storage_endpoint: str | None = None
     trial_resources: tuple[str, ...] = ()
+    mps: str = "auto"
 
 
 def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
@@ -149,6 +150,7 @@ def check_options(opts: SweepOptions) -> None:
     except (OSError, UnicodeError) as e:
         raise UserError(f"--dashboard-host {opts.dashboard_host!r} is not an address of this machine ({e})") from None
     storage.from_flags(opts.storage, opts.storage_endpoint)
+    mps.check(opts.mps, opts.address)
     if cluster.parse_resources(opts.trial_resources) and not opts.address:
         raise UserError("--trial-resource: the local Ray a sweep starts offers no custom resources; pass --address "
                         "of a cluster whose nodes offer it")
@@ -205,7 +207,13 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
 
         prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
                          if p.cfg.model.startswith("random:")})
-    cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
+    daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,
+                                 cuda_trials=any(p.cfg.device == "cuda" for p in share_trials(plan)), out=out)
+    try:
+        cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
+    except BaseException:
+        mps.stop_for_sweep(daemon)
+        raise
     logs.quiet()
     try:
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
@@ -231,6 +239,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
             return execute(opts, manifest, out, plan, store, shares)
     finally:
         ray.shutdown()
+        mps.stop_for_sweep(daemon)  # after Ray: no trial process is left using it
 
 
 def share_trials(plan) -> list:

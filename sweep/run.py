@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=gpus, default="auto", metavar="auto|N",
                    help="GPU share per CUDA trial: auto (default) sizes each trial's share from its estimated peak "
                         "memory so small trials share a GPU; or a number (1 = a whole GPU each, 0.5 = two per GPU)")
+    p.add_argument("--mps", default="auto", choices=["auto", "on", "off"],
+                   help="NVIDIA MPS for trials that share a GPU, so their kernels run side by side: auto (default) "
+                        "starts a daemon for the sweep when trials may share a GPU and nvidia-cuda-mps-control is "
+                        "installed (a local Ray only); on requires it; off time-slices the GPU between them")
     p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting for every trial, e.g. --set epochs=1 (repeatable)")
@@ -100,7 +104,7 @@ def options(args: argparse.Namespace) -> SweepOptions:
         baseline=not args.no_baseline, metric=args.metric, max_failures=args.max_failures, resume=args.resume,
         fresh=args.fresh, verbose=args.verbose, extend=args.extend, num_samples=args.num_samples,
         node_ip=args.ray_node_ip, storage=args.storage, storage_endpoint=args.storage_endpoint,
-        trial_resources=tuple(args.trial_resource),
+        trial_resources=tuple(args.trial_resource), mps=args.mps,
     )
 
 

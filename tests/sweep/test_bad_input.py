@@ -5,6 +5,7 @@ values and names, the data, the model, the command line, the tracking store, the
 its records. Each runs the real entry point in this process (no Ray may start)."""
 
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -254,6 +255,8 @@ CASES = {
     "trial resource zero": (lambda t: space(t) + ["--trial-resource", "worker=0"], "--trial-resource expects NAME"),
     "trial resource without a cluster": (lambda t: space(t) + ["--trial-resource", "worker=1"],
                                          "the local Ray a sweep starts offers no custom resources"),
+    "mps on with a cluster": (lambda t: space(t) + ["--mps", "on", "--address", "127.0.0.1:9"],
+                              "--mps on starts MPS on this machine; with --address run"),
     "storage unparsable": (lambda t: space(t) + ["--storage", "s3://s3cr3t@[b/x"], "--storage is not a valid URI"),
     "storage secret in the query": (lambda t: space(t) + ["--storage", "s3://b/x?secret_key=s3cr3t"],
                                     "--storage must not carry credentials"),
@@ -303,6 +306,9 @@ CASES = {
         "sweep_id": "a", "name": "t", "space_fingerprint": "0" * 16, "mlflow_uri": "sqlite:///x.db",
         "storage": "s3://b/x"}).encode()), "field 'storage' is not a --storage record"),
 }
+if shutil.which("nvidia-cuda-mps-control") is None:  # true on CI; a GPU host would start it instead
+    CASES["mps on without nvidia's daemon"] = (lambda t: space(t) + ["--mps", "on"],
+                                               "--mps on: nvidia-cuda-mps-control is not installed here")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -340,6 +346,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, ear
     (["--extend", "--fresh"], "argument --fresh: not allowed with argument --extend"),
     (["--gpus-per-trial", "abc"], "argument --gpus-per-trial: expected 'auto' or a number, got 'abc'"),
     (["--metric", "accuracy"], "argument --metric: invalid choice: 'accuracy'"),
+    (["--mps", "sometimes"], "argument --mps: invalid choice: 'sometimes'"),
     ([], "the following arguments are required: space"),
 ])
 def test_usage_errors_are_one_line_too(argv, says, tmp_path, capsys):
