@@ -12,10 +12,12 @@ Ray (2.x) neither starts nor knows about MPS, so a sweep that starts its own Ray
 Ray starts, when its CUDA trials may share a GPU (``--gpus-per-trial`` auto or below 1) and NVIDIA's
 ``nvidia-cuda-mps-control`` is installed, it starts a control daemon of its own in a private directory
 and points ``CUDA_MPS_PIPE_DIRECTORY`` there; Ray's processes inherit it, so every trial process becomes
-a client of that daemon. The daemon is stopped when the sweep ends; one left running by a killed driver
-is found by the next run of the same sweep (same directory) and used, then stopped. A machine that
-already runs MPS (its own daemon, or ``CUDA_MPS_PIPE_DIRECTORY`` set) is left as it is: the trials are
-its clients already. On a cluster (``--address``) each GPU node runs its own daemon (README).
+a client of that daemon. The daemon is stopped when the sweep ends. One left running by a killed
+driver is used by the next run of the same sweep (same directory) and stopped by any other sweep's.
+Beside another sweep's daemon in use, a sweep time-slices rather than start a second daemon for the
+same GPUs, and says so. A machine that already runs MPS (its own daemon, or
+``CUDA_MPS_PIPE_DIRECTORY`` set) is left as it is: the trials are its clients already. On a cluster
+(``--address``) each GPU node runs its own daemon (README).
 
 What MPS changes for a trial: nothing in its arithmetic (the same kernels run). GPU memory stays
 isolated per process on Volta and later GPUs, and a trial's own allocator cap (``trainers.trial.
@@ -43,6 +45,8 @@ PIPE_ENV, LOG_ENV = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
 MACHINE_PIPE = Path("/tmp/nvidia-mps")  # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
 MODES = ("auto", "on", "off")
 TIMEOUT_S = 30
+ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
+OWNER = "driver.pid"  # in a daemon's directory: the driver that uses it
 
 
 def may_share(gpus_per_trial: float | str) -> bool:
@@ -111,6 +115,15 @@ class Daemon:
             time.sleep(0.05)
         return started and (self.pipe / "control").exists()
 
+    def owner(self) -> int | None:
+        try:
+            return int((self.pipe / OWNER).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def claim(self) -> None:
+        (self.pipe / OWNER).write_text(str(os.getpid()))
+
     def stop(self) -> None:
         try:
             self.control("quit")
@@ -125,7 +138,34 @@ def pipe_dir(out: Path) -> Path:
     """The sweep's daemon directory: the same for every run of one sweep directory, and short (a Unix socket
     path must fit 108 bytes, a sweep directory need not)."""
     digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"lora-sweep-mps-{os.getuid()}-{digest}"
+    return ROOT / f"lora-sweep-mps-{os.getuid()}-{digest}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    return True
+
+
+def other_sweeps(mine: Path) -> tuple[int | None, list[Daemon]]:
+    """(the driver pid of another sweep on this machine whose daemon is in use, or None; the daemons other
+    sweeps' killed drivers left running). Two daemons would each start a server for the same GPUs, so a
+    second sweep beside a running one time-slices instead, and stopping its daemon at its end can never
+    take the first sweep's trials down."""
+    busy, left = None, []
+    for pipe in sorted(ROOT.glob(f"lora-sweep-mps-{os.getuid()}-*")):
+        daemon = Daemon(pipe)
+        if pipe == mine or not daemon.running():
+            continue
+        if (pid := daemon.owner()) is not None and alive(pid):
+            busy = pid
+        else:
+            left.append(daemon)
+    return busy, left
 
 
 def start_for_sweep(mode: str, *, address: str | None, gpus_per_trial: float | str, cuda_trials: bool,
@@ -140,11 +180,22 @@ def start_for_sweep(mode: str, *, address: str | None, gpus_per_trial: float | s
     if shutil.which(CONTROL) is None:  # mode "on" was refused by check() already
         return None
     daemon = Daemon(pipe_dir(out))
+    busy, left = other_sweeps(daemon.pipe)
+    if busy is not None:
+        if mode == "on":
+            raise UserError(f"--mps on: the MPS daemon of another sweep on this machine is in use (its driver is "
+                            f"process {busy}); wait for that sweep, or pass --mps auto to time-slice beside it")
+        print(f"GPU sharing: time-sliced (another sweep's MPS daemon runs on this machine: driver process {busy})",
+              flush=True)
+        return None
+    for leftover in left:  # a killed driver's, of another sweep directory
+        leftover.stop()
     if not daemon.start():
         if mode == "on":
             raise UserError(f"--mps on: {CONTROL} -d did not start (its log: {daemon.pipe / 'log'})")
         print(f"GPU sharing: time-sliced ({CONTROL} -d did not start; its log: {daemon.pipe / 'log'})", flush=True)
         return None
+    daemon.claim()
     os.environ[PIPE_ENV] = str(daemon.pipe)  # inherited by the Ray processes started next, and so by every trial
     os.environ[LOG_ENV] = str(daemon.pipe / "log")
     print("GPU sharing: NVIDIA MPS (trials on one GPU run their kernels side by side; --mps off to time-slice)",

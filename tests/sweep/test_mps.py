@@ -52,6 +52,7 @@ def control(tmp_path, monkeypatch):
     monkeypatch.delenv(mps.PIPE_ENV, raising=False)
     monkeypatch.delenv(mps.LOG_ENV, raising=False)
     monkeypatch.setattr(mps, "MACHINE_PIPE", tmp_path / "no-machine-daemon")
+    monkeypatch.setattr(mps, "ROOT", tmp_path / "run")  # the sweeps' daemon directories, this test's own
     return lambda: [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
 
@@ -87,6 +88,43 @@ def test_the_daemon_a_killed_driver_left_is_used_and_stopped(control, tmp_path):
     assert again.pipe == left.pipe
     mps.stop_for_sweep(again)
     assert [c["call"] for c in control()][-1] == "quit" and not (again.pipe / "control").exists()
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_beside_another_sweeps_daemon_in_use_a_sweep_time_slices(control, tmp_path, capsys):
+    first = start(tmp_path / "first")  # its driver: this process, alive
+    os.environ.pop(mps.PIPE_ENV)
+    os.environ.pop(mps.LOG_ENV)
+    capsys.readouterr()
+    assert start(tmp_path / "second") is None  # not a second daemon for the same GPUs
+    assert capsys.readouterr().out.strip() == ("GPU sharing: time-sliced (another sweep's MPS daemon runs on this "
+                                               f"machine: driver process {os.getpid()})")
+    with pytest.raises(UserError, match=f"--mps on: the MPS daemon of another sweep on this machine is in use "
+                                        f"\\(its driver is process {os.getpid()}\\)"):
+        start(tmp_path / "second", "on")
+    assert [c["call"] for c in control()] == ["-d", "get_server_list", "get_server_list"]
+    assert (first.pipe / "control").exists()  # the first sweep's daemon is left alone
+    mps.stop_for_sweep(first)
+
+
+def test_another_sweeps_leftover_daemon_is_stopped(control, tmp_path):
+    left = start(tmp_path / "killed")
+    (left.pipe / mps.OWNER).write_text(str(dead_pid()))  # its driver was killed
+    os.environ.pop(mps.PIPE_ENV)
+    os.environ.pop(mps.LOG_ENV)
+    daemon = start(tmp_path / "next")
+    assert daemon is not None and daemon.pipe != left.pipe
+    assert [(c["call"], c["pipe"]) for c in control()] == [
+        ("-d", str(left.pipe)), ("get_server_list", str(left.pipe)), ("quit", str(left.pipe)), ("-d", str(daemon.pipe))]
+    assert not (left.pipe / "control").exists() and daemon.owner() == os.getpid()
+    mps.stop_for_sweep(daemon)
 
 
 def test_two_sweeps_get_their_own_daemons_with_short_socket_paths(tmp_path):
