@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -39,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.cli import UserError
+from trainers.config import MPS_MACHINE_PIPE, MPS_PIPE_ENV
 
 CONTROL = "nvidia-cuda-mps-control"
-PIPE_ENV, LOG_ENV = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
-MACHINE_PIPE = Path("/tmp/nvidia-mps")  # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
+PIPE_ENV, LOG_ENV = MPS_PIPE_ENV, "CUDA_MPS_LOG_DIRECTORY"
+MACHINE_PIPE = Path(MPS_MACHINE_PIPE)  # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
 MODES = ("auto", "on", "off")
 TIMEOUT_S = 30
 ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
@@ -100,20 +102,27 @@ class Daemon:
         except (OSError, subprocess.SubprocessError):
             return False
 
-    def start(self) -> bool:
-        """Start the daemon (or adopt this sweep's leftover one); False when it would not start."""
+    def start(self) -> str | None:
+        """Start the daemon (or adopt this sweep's leftover one); None when it runs, else why it does not."""
         if self.running():
-            return True
-        (self.pipe / "log").mkdir(parents=True, exist_ok=True, mode=0o700)
+            return None
         try:
+            self.pipe.parent.mkdir(parents=True, exist_ok=True)
+            self.pipe.mkdir(mode=0o700, exist_ok=True)
+            st = self.pipe.lstat()
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():  # a shared temp dir: never use another's
+                return f"{self.pipe} is not this user's own directory"
+            (self.pipe / "log").mkdir(mode=0o700, exist_ok=True)
             started = subprocess.run([CONTROL, "-d"], env=self.env, capture_output=True, text=True,
                                      timeout=TIMEOUT_S).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{CONTROL} -d: {e}"
         deadline = time.monotonic() + 10
         while started and not (self.pipe / "control").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return started and (self.pipe / "control").exists()
+        if not (started and (self.pipe / "control").exists()):
+            return f"{CONTROL} -d did not start; its log: {self.pipe / 'log'}"
+        return None
 
     def owner(self) -> int | None:
         try:
@@ -190,10 +199,10 @@ def start_for_sweep(mode: str, *, address: str | None, gpus_per_trial: float | s
         return None
     for leftover in left:  # a killed driver's, of another sweep directory
         leftover.stop()
-    if not daemon.start():
+    if (problem := daemon.start()) is not None:
         if mode == "on":
-            raise UserError(f"--mps on: {CONTROL} -d did not start (its log: {daemon.pipe / 'log'})")
-        print(f"GPU sharing: time-sliced ({CONTROL} -d did not start; its log: {daemon.pipe / 'log'})", flush=True)
+            raise UserError(f"--mps on: {problem}")
+        print(f"GPU sharing: time-sliced ({problem})", flush=True)
         return None
     daemon.claim()
     os.environ[PIPE_ENV] = str(daemon.pipe)  # inherited by the Ray processes started next, and so by every trial

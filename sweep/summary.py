@@ -33,7 +33,7 @@ CSV_COLUMNS = [
     "trainable_pct", "eval_loss", "eval_loss_se", "response_loss", "response_loss_se", "perplexity", "rouge_l",
     "rouge_l_se", "repeat_ngram_rate", "end_marker_rate", "truncated_rows", "truncated_pct", "response_lost_pct",
     "train_seconds", "tokens_per_second", "peak_gpu_mem_gb", "status", "steps", "stop_reason", "quality", "best",
-    "device", "gpu_uuid", "error",
+    "device", "gpu_uuid", "gpu_sharing", "error",
     # the trial's configuration (all its seeds): what the quality rule judges
     "config", "seed", "seeds", "config_eval_loss", "config_eval_loss_se", "config_eval_loss_sd",
     "config_response_loss", "config_response_loss_se", "config_response_loss_sd", "config_rouge_l",
@@ -50,14 +50,14 @@ TRUNCATION_WARN_PCT = 2.0
 MEASURES = ("eval_loss", "eval_loss_se", "response_loss", "response_loss_se", "perplexity", "rouge_l", "rouge_l_se",
             "repeat_ngram_rate", "end_marker_rate", "gen_mean_words", "truncated_rows", "truncated_pct",
             "response_tokens_lost", "response_lost_pct", "dropped_rows", "train_examples", "train_seconds",
-            "peak_gpu_mem_gb", "gpu_uuid")
+            "peak_gpu_mem_gb", "gpu_uuid", "gpu_sharing")
 LOSSES = ("eval_loss", "response_loss")  # each with its error bars per configuration; compared_on picks one
 RENAMED = {"tokens_per_second": "train_tokens_per_second", "device": "device_name"}
 
 
 def _measures(res) -> dict:
     if res is None:
-        return {**dict.fromkeys(MEASURES), **dict.fromkeys(RENAMED), "device": "", "gpu_uuid": ""}
+        return {**dict.fromkeys(MEASURES), **dict.fromkeys(RENAMED), "device": "", "gpu_uuid": "", "gpu_sharing": ""}
     return {**{m: getattr(res, m) for m in MEASURES}, **{col: getattr(res, f) for col, f in RENAMED.items()}}
 
 
@@ -218,7 +218,8 @@ def table_cells(r: dict, extra: list[str] = ()) -> list[str]:
     STOPPED trial, outside the rule, with its own last eval loss)."""
     targets = r["targets"] if r["targets"] == r["target_modules"].replace(" ", ",") else \
         f"{r['targets']} ({', '.join(r['target_modules'].split())})"
-    device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "")
+    device = (r["device"] or "") + (f" {r['gpu_uuid'][:13]}" if r["gpu_uuid"] else "") + \
+        (f" (shared, {r['gpu_sharing']})" if r.get("gpu_sharing") not in (None, "", "whole") else "")
     grouped = _finite(r.get("config_eval_loss"))
     loss = r["config_eval_loss"] if grouped else r["eval_loss"]
     cut = f"{r['truncated_rows']:,} ({r['truncated_pct']:.1f}%)" if _finite(r["truncated_pct"]) else "-"

@@ -43,6 +43,8 @@ def is_quantized(bits: int) -> bool:
 
 
 CUDA_OVERHEAD_GB = 1.5
+# NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
+MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
 """GPU memory a trial process uses beyond PyTorch's allocations (CUDA context, cuBLAS workspace): the
 driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
 
@@ -587,6 +589,10 @@ class TrialResult:
     train_started_at: float = _tracked(None)
     node_id: str = field(default="", metadata={"mlflow": "tag"})
     """The Ray node the trial ran on (empty outside Ray); results written before it existed lack it."""
+    gpu_sharing: str = field(default="", metadata={"mlflow": "tag"})
+    """How the trial had its GPU, which its tokens/s depends on: ``whole``, ``mps`` (a share, its kernels
+    beside its neighbours'), ``time-sliced`` (a share, taking turns); empty on the CPU and in results
+    written before it existed."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             HELDOUT_FILE, METRICS_FILE, CheckpointReport, EvalReport, StepReport, TrialConfig,
+                             HELDOUT_FILE, METRICS_FILE, MPS_MACHINE_PIPE, MPS_PIPE_ENV, CheckpointReport, EvalReport, StepReport, TrialConfig,
                              TrialResult, is_quantized, perplexity)
 from trainers.data import DataError, build_splits, fingerprint
 from trainers.evaluate import (format_generations, generate, generation_metrics, heldout_losses, loss_masks,
@@ -122,11 +122,19 @@ def gpu_uuids(cuda: bool) -> list[str]:
     return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())] if cuda else []
 
 
+def gpu_sharing() -> str:
+    """``whole``, or for a trial on a share of its GPU (limit_gpu_memory), ``mps`` when it is an MPS client (the
+    sweep's daemon, or the machine's) and ``time-sliced`` otherwise."""
+    if float(os.environ.get(GPU_SHARE_ENV, "1")) >= 1:
+        return "whole"
+    return "mps" if os.environ.get(MPS_PIPE_ENV) or Path(MPS_MACHINE_PIPE, "control").exists() else "time-sliced"
+
+
 def device_info(cuda: bool) -> dict:
     if not cuda:
-        return {"device_name": "cpu", "gpu_uuid": ""}
+        return {"device_name": "cpu", "gpu_uuid": "", "gpu_sharing": ""}
     props = torch.cuda.get_device_properties(0)
-    return {"device_name": props.name, "gpu_uuid": str(props.uuid)}
+    return {"device_name": props.name, "gpu_uuid": str(props.uuid), "gpu_sharing": gpu_sharing()}
 
 
 @dataclass

@@ -66,6 +66,7 @@ def test_a_packed_sweep_starts_a_daemon_its_trials_inherit_and_stops_it(control,
     daemon = start(tmp_path / "sweep")
     pipe = mps.pipe_dir(tmp_path / "sweep")
     assert daemon is not None and daemon.pipe == pipe and (pipe / "control").exists()
+    assert stat.S_IMODE(pipe.stat().st_mode) == 0o700 and daemon.owner() == os.getpid()  # private, and whose
     # the Ray processes started next inherit this, so every trial is a client of this daemon
     assert os.environ[mps.PIPE_ENV] == str(pipe) and os.environ[mps.LOG_ENV] == str(pipe / "log")
     started = control()[-1]
@@ -162,9 +163,22 @@ def test_a_machine_that_runs_mps_is_left_as_it_is(control, tmp_path, monkeypatch
 def test_a_daemon_that_will_not_start(control, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STAND_IN_FAIL", "1")
     assert start(tmp_path / "sweep") is None and mps.PIPE_ENV not in os.environ  # auto: time-sliced, said so
-    assert capsys.readouterr().out.startswith("GPU sharing: time-sliced (nvidia-cuda-mps-control -d did not start")
-    with pytest.raises(UserError, match="--mps on: nvidia-cuda-mps-control -d did not start"):
+    assert capsys.readouterr().out.strip() == ("GPU sharing: time-sliced (nvidia-cuda-mps-control -d did not start; "
+                                               f"its log: {mps.pipe_dir(tmp_path / 'sweep') / 'log'})")
+    with pytest.raises(UserError, match="--mps on: nvidia-cuda-mps-control -d did not start; its log: "):
         start(tmp_path / "sweep", "on")
+
+
+def test_a_daemon_directory_someone_else_made_is_never_used(control, tmp_path, capsys):
+    """The directories live in a shared temp dir: one planted there (here a link) is refused, not followed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pipe = mps.pipe_dir(tmp_path / "sweep")
+    pipe.parent.mkdir(parents=True)
+    pipe.symlink_to(elsewhere)
+    assert start(tmp_path / "sweep") is None and control() == [] and mps.PIPE_ENV not in os.environ
+    assert capsys.readouterr().out.strip() == f"GPU sharing: time-sliced ({pipe} is not this user's own directory)"
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_bad_mps_options_are_refused_before_anything_starts(tmp_path, monkeypatch):
@@ -196,3 +210,26 @@ def test_the_driver_stops_its_daemon_when_ray_does_not_start(control, tmp_path, 
     with pytest.raises(RunError):
         driver.start(opts, plan, tmp_path / "sweep", None, None, None, None, logs=None)
     assert [c["call"] for c in control()] == ["-d", "quit"] and mps.PIPE_ENV not in os.environ
+
+
+@pytest.mark.parametrize("share, pipe_env, machine_daemon, says", [
+    (None, None, False, "whole"),  # no share set: a GPU of its own
+    ("1.0", "/tmp/x", False, "whole"),
+    ("0.25", None, False, "time-sliced"),
+    ("0.25", "/tmp/lora-sweep-mps-0-abc", False, "mps"),  # the sweep's daemon
+    ("0.25", None, True, "mps"),  # the machine's
+])
+def test_a_trial_records_how_it_had_its_gpu(tmp_path, monkeypatch, share, pipe_env, machine_daemon, says):
+    from trainers import trial
+    from trainers.models import GPU_SHARE_ENV
+
+    for key, value in ((GPU_SHARE_ENV, share), (mps.PIPE_ENV, pipe_env)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    (tmp_path / "mps").mkdir()
+    if machine_daemon:
+        (tmp_path / "mps" / "control").touch()
+    monkeypatch.setattr(trial, "MPS_MACHINE_PIPE", str(tmp_path / "mps"))
+    assert trial.gpu_sharing() == says

@@ -68,7 +68,7 @@ def test_summary_csv_has_four_finished_rows_with_exact_counts(sweep):
         assert math.isfinite(float(row["eval_loss"])) and float(row["eval_loss"]) > 0
         assert float(row["perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"])), rel=1e-6)
         assert float(row["peak_gpu_mem_gb"]) == 0.0
-        assert (row["device"], row["gpu_uuid"]) == ("cpu", "")
+        assert (row["device"], row["gpu_uuid"], row["gpu_sharing"]) == ("cpu", "", "")
     md = (sweep["dir"] / "summary.md").read_text()
     assert sum(line.startswith("| r") for line in md.splitlines()) == 4  # one row per trial
     assert "| base |" in md and "params updated (M)" in md and "vs base" in md

@@ -231,3 +231,18 @@ def test_the_quality_rule_names_the_loss_it_compares_on(loss_on, says):
     rule = quality_rule("eval_loss", rows)
     assert "{" not in rule and f"one whose {says} is not better than base" in rule
     assert f"No configuration is labelled above one with a lower {says}." in rule
+
+
+def test_the_device_cell_says_how_a_trial_shared_its_gpu(tmp_path):
+    """A packed trial's tokens/s depends on its neighbours and on MPS: the table says which it had."""
+    gpu = dict(device_name="NVIDIA H200", gpu_uuid="ce9d68a3-5495-4c1f-8a1e-000000000000")
+    rows = build_rows([planned("a"), planned("b"), planned("c")], {
+        "a": TrialOutcome(TERMINATED, make_result(gpu_sharing="mps", **gpu)),
+        "b": TrialOutcome(TERMINATED, make_result(gpu_sharing="time-sliced", **gpu)),
+        "c": TrialOutcome(TERMINATED, make_result(gpu_sharing="whole", **gpu)),
+    })
+    cells = [line.split(" | ")[-2] for line in to_markdown(rows, "t").splitlines() if line.startswith("| ")][1:]
+    assert cells == ["NVIDIA H200 ce9d68a3-5495 (shared, mps)", "NVIDIA H200 ce9d68a3-5495 (shared, time-sliced)",
+                     "NVIDIA H200 ce9d68a3-5495"]
+    write_csv(rows, tmp_path / "summary.csv")
+    assert [r["gpu_sharing"] for r in read_csv(tmp_path / "summary.csv").values()] == ["mps", "time-sliced", "whole"]
