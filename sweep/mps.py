@@ -2,8 +2,8 @@
 
 Processes on one GPU are time-sliced: the GPU runs one process's kernels at a time. A LoRA trial keeps
 its GPU busy only part of each step (a profile on an H200, fast path, OpenLLaMA-3B shapes: kernels ran
-for 33-36% of the step's wall time; the rest is the host launching ~5,000 small kernels a step), so
-trials packed onto one GPU by ``--gpus-per-trial auto`` mostly wait for each other's turns. Under the
+about 50-70% of a step's time; the rest is the host launching 4,900-11,300 small kernels a step), so
+trials packed onto one GPU by ``--gpus-per-trial auto`` wait for each other's turns while it idles. Under the
 Multi-Process Service the GPU runs several processes' kernels at once. Measured on one H200 (README,
 "GPU sharing"): the paper grid's four trials packed together, 120 steps each, trained at 15.4k tokens/s
 together without MPS and 21.0k with it (+36%), with the same eval losses.
@@ -102,16 +102,24 @@ class Daemon:
         except (OSError, subprocess.SubprocessError):
             return False
 
+    def own(self) -> bool:
+        """The directory is a real one of this user's: the temp dir is shared, and another user's (or a link
+        planted there) must never be taken for a daemon of ours."""
+        try:
+            st = self.pipe.lstat()
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
     def start(self) -> str | None:
         """Start the daemon (or adopt this sweep's leftover one); None when it runs, else why it does not."""
-        if self.running():
-            return None
         try:
             self.pipe.parent.mkdir(parents=True, exist_ok=True)
             self.pipe.mkdir(mode=0o700, exist_ok=True)
-            st = self.pipe.lstat()
-            if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():  # a shared temp dir: never use another's
+            if not self.own():
                 return f"{self.pipe} is not this user's own directory"
+            if self.running():
+                return None
             (self.pipe / "log").mkdir(mode=0o700, exist_ok=True)
             started = subprocess.run([CONTROL, "-d"], env=self.env, capture_output=True, text=True,
                                      timeout=TIMEOUT_S).returncode == 0
@@ -168,7 +176,7 @@ def other_sweeps(mine: Path) -> tuple[int | None, list[Daemon]]:
     busy, left = None, []
     for pipe in sorted(ROOT.glob(f"lora-sweep-mps-{os.getuid()}-*")):
         daemon = Daemon(pipe)
-        if pipe == mine or not daemon.running():
+        if pipe == mine or not daemon.own() or not daemon.running():
             continue
         if (pid := daemon.owner()) is not None and alive(pid):
             busy = pid

@@ -179,6 +179,11 @@ def test_a_daemon_directory_someone_else_made_is_never_used(control, tmp_path, c
     assert start(tmp_path / "sweep") is None and control() == [] and mps.PIPE_ENV not in os.environ
     assert capsys.readouterr().out.strip() == f"GPU sharing: time-sliced ({pipe} is not this user's own directory)"
     assert list(elsewhere.iterdir()) == []
+    (elsewhere / "control").touch()  # nor is one taken for another sweep's daemon, to stop or to defer to
+    (tmp_path / "run" / f"lora-sweep-mps-{os.getuid()}-planted").symlink_to(elsewhere)
+    daemon = start(tmp_path / "other")
+    assert daemon is not None and [c["call"] for c in control()] == ["-d"]
+    mps.stop_for_sweep(daemon)
 
 
 def test_bad_mps_options_are_refused_before_anything_starts(tmp_path, monkeypatch):
