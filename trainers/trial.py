@@ -237,7 +237,10 @@ def run_trial(cfg: TrialConfig, out_dir: Path, report: Report | None = None, res
     """
     cuda = cfg.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise RuntimeError("trial asks for device=cuda but no CUDA GPU is visible to it")
+        mps = os.environ.get(MPS_PIPE_ENV)  # a client whose MPS server cannot start sees no GPU at all
+        raise RuntimeError("trial asks for device=cuda but no CUDA GPU is visible to it" + (
+            f" (it is a client of the NVIDIA MPS daemon in {mps}: see the log there, or run the sweep with --mps off)"
+            if mps else ""))
     if not cuda:
         torch.set_num_threads(cfg.cpus_per_trial)
     torch.manual_seed(cfg.train_seed)

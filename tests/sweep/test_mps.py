@@ -238,3 +238,21 @@ def test_a_trial_records_how_it_had_its_gpu(tmp_path, monkeypatch, share, pipe_e
         (tmp_path / "mps" / "control").touch()
     monkeypatch.setattr(trial, "MPS_MACHINE_PIPE", str(tmp_path / "mps"))
     assert trial.gpu_sharing() == says
+
+
+def test_a_trial_that_sees_no_gpu_under_mps_says_where_to_look(tmp_path, monkeypatch):
+    import torch
+
+    from trainers import trial
+    from trainers.config import TrialConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(mps.PIPE_ENV, "/tmp/lora-sweep-mps-0-abc")
+    cfg = TrialConfig(name="t", index=0, model="m", dataset="d", r=8, targets="attention", bits=4, device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA GPU is visible to it \\(it is a client of the NVIDIA MPS daemon "
+                                           "in /tmp/lora-sweep-mps-0-abc: see the log there, or run the sweep with "
+                                           "--mps off\\)"):
+        trial.run_trial(cfg, tmp_path / "t")
+    monkeypatch.delenv(mps.PIPE_ENV)
+    with pytest.raises(RuntimeError, match="no CUDA GPU is visible to it$"):
+        trial.run_trial(cfg, tmp_path / "t")
