@@ -43,10 +43,10 @@ def is_quantized(bits: int) -> bool:
 
 
 CUDA_OVERHEAD_GB = 1.5
-# NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
-MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
 """GPU memory a trial process uses beyond PyTorch's allocations (CUDA context, cuBLAS workspace): the
 driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
+# NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
+MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
 
 
 # ---- data formats (README "Your own data"; rendering in trainers/formats.py) ------------------------------------
