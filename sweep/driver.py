@@ -211,11 +211,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
                                  cuda_trials=any(p.cfg.device == "cuda" for p in share_trials(plan)), out=out)
     try:
         cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
-    except BaseException:
-        mps.stop_for_sweep(daemon)
-        raise
-    logs.quiet()
-    try:
+        logs.quiet()
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
             shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
             cluster.check_resources(share_trials(plan), shares, cluster.parse_resources(opts.trial_resources))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sweep import mps
 from sweep.cli import ArgumentParser, exit_code
 from sweep.cluster import LOOPBACK
 from sweep.driver import SweepOptions
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=gpus, default="auto", metavar="auto|N",
                    help="GPU share per CUDA trial: auto (default) sizes each trial's share from its estimated peak "
                         "memory so small trials share a GPU; or a number (1 = a whole GPU each, 0.5 = two per GPU)")
-    p.add_argument("--mps", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--mps", default="auto", choices=mps.MODES,
                    help="NVIDIA MPS for trials that share a GPU, so their kernels run side by side: auto (default) "
                         "starts a daemon for the sweep when trials may share a GPU and nvidia-cuda-mps-control is "
                         "installed (a local Ray only); on requires it; off time-slices the GPU between them")
