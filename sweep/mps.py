@@ -207,12 +207,17 @@ def start_for_sweep(mode: str, *, address: str | None, gpus_per_trial: float | s
         return None
     for leftover in left:  # a killed driver's, of another sweep directory
         leftover.stop()
-    if (problem := daemon.start()) is not None:
+    if (problem := daemon.start()) is None:
+        try:
+            daemon.claim()  # without its driver's pid, other sweeps would take it for a leftover and stop it
+        except OSError as e:
+            daemon.stop()
+            problem = f"cannot record this driver in {daemon.pipe}: {e}"
+    if problem is not None:
         if mode == "on":
             raise UserError(f"--mps on: {problem}")
         print(f"GPU sharing: time-sliced ({problem})", flush=True)
         return None
-    daemon.claim()
     os.environ[PIPE_ENV] = str(daemon.pipe)  # inherited by the Ray processes started next, and so by every trial
     os.environ[LOG_ENV] = str(daemon.pipe / "log")
     print("GPU sharing: NVIDIA MPS (trials on one GPU run their kernels side by side; --mps off to time-slice)",

@@ -256,3 +256,15 @@ def test_a_trial_that_sees_no_gpu_under_mps_says_where_to_look(tmp_path, monkeyp
     monkeypatch.delenv(mps.PIPE_ENV)
     with pytest.raises(RuntimeError, match="no CUDA GPU is visible to it$"):
         trial.run_trial(cfg, tmp_path / "t")
+
+
+def test_a_full_disk_where_the_driver_is_recorded_stops_the_daemon_it_started(control, tmp_path, monkeypatch, capsys):
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mps.Daemon, "claim", full)
+    assert start(tmp_path / "sweep") is None and mps.PIPE_ENV not in os.environ
+    pipe = mps.pipe_dir(tmp_path / "sweep")
+    assert [c["call"] for c in control()] == ["-d", "quit"] and not (pipe / "control").exists()
+    assert capsys.readouterr().out.strip() == (f"GPU sharing: time-sliced (cannot record this driver in {pipe}: "
+                                               "[Errno 28] No space left on device)")
