@@ -8,7 +8,9 @@ Ray started, the sweep's experiments run in order (``sweep/extend.py``), and the
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -202,16 +204,20 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
 
     from sweep import extend
 
+    build = None
     if opts.address is None:  # trials on this machine: its random bases built once, before they start
         from trainers.models import prebuild_random
 
-        prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
-                         if p.cfg.model.startswith("random:")})
-    daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,
-                                 cuda_trials=any(p.cfg.device == "cuda" for p in share_trials(plan)), out=out)
+        build = prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
+                                 if p.cfg.model.startswith("random:")})
+    daemon = None
     try:
+        daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,
+                                     cuda_trials=any(p.cfg.device == "cuda" for p in share_trials(plan)), out=out)
         cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
         logs.quiet()
+        if build is not None:
+            build.wait()  # built while Ray started
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
             shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
             cluster.check_resources(share_trials(plan), shares, cluster.parse_resources(opts.trial_resources))
@@ -234,6 +240,12 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
                                                     experiments=sweepdir.experiments(manifest) + added)
             return execute(opts, manifest, out, plan, store, shares)
     finally:
+        if build is not None and build.poll() is None:  # Ctrl-C'd or refused while it built
+            build.send_signal(signal.SIGINT)  # its own cleanup removes the half-written copy
+            try:
+                build.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                build.kill()
         ray.shutdown()
         mps.stop_for_sweep(daemon)  # after Ray: no trial process is left using it
 

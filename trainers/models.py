@@ -216,20 +216,24 @@ def random_checkpoint(name: str, seed: int) -> Path:
     return cache_root() / "random" / f"{name}-seed{seed}"
 
 
-def prebuild_random(models: set[tuple[str, int]]) -> None:
-    """Write the sweep's ``random:`` bases before any trial starts (the driver, for trials on this machine).
+def prebuild_random(models: set[tuple[str, int]]):
+    """Start writing the sweep's ``random:`` bases before any trial starts (the driver, for trials on this
+    machine); returns the child process to wait for (None: nothing to build).
 
     Packed trials share their GPU under a memory cap and so build on the CPU, one Ray thread each, while
     the others wait on the lock: about two minutes of every packed 3B trial's setup on an H200 host. Here
-    the build runs once, on the whole GPU, in a child process, so the driver holds no CUDA memory after it.
-    A build that fails is left to the trials (which report their own error)."""
+    the build runs once, on the whole GPU, in a child process, so the driver holds no CUDA memory after it;
+    the driver starts Ray meanwhile (the 3B base took 29 s on an H200 host). A build that fails is left to
+    the trials (which report their own error)."""
     import subprocess
     import sys
 
-    for name, seed in sorted(models):
-        if not (random_checkpoint(name, seed) / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "trainers.models", name, str(seed)], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    missing = [str(x) for name, seed in sorted(models) if not (random_checkpoint(name, seed) / "config.json").is_file()
+               for x in (name, seed)]
+    if not missing:
+        return None
+    return subprocess.Popen([sys.executable, "-m", "trainers.models", *missing], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def _build_device() -> str:
@@ -398,7 +402,8 @@ def snapshot_tokenizer(model_id: str) -> str:
         raise OSError(str(e)) from None
 
 
-if __name__ == "__main__":  # prebuild_random's child: python -m trainers.models NAME SEED
+if __name__ == "__main__":  # prebuild_random's child: python -m trainers.models NAME SEED [NAME SEED ...]
     import sys
 
-    materialize_random(sys.argv[1], int(sys.argv[2]))
+    for name, seed in zip(sys.argv[1::2], sys.argv[2::2]):
+        materialize_random(name, int(seed))

@@ -62,7 +62,10 @@ def test_prebuild_writes_the_random_base_a_trial_then_reads(model_cache):
     from trainers.models import prebuild_random
 
     torch.set_num_threads(1)  # as Ray leaves a trial
-    prebuild_random({("tiny-llama", 11)})
+    build = prebuild_random({("tiny-llama", 11), ("tiny-llama", 12)})
+    assert build.wait() == 0  # one child builds them all while the driver starts Ray
+    assert prebuild_random({("tiny-llama", 11), ("tiny-llama", 12)}) is None  # nothing left to build
+    assert (model_cache / "random" / "tiny-llama-seed12" / "config.json").is_file()
     built = model_cache / "random" / "tiny-llama-seed11"
     assert (built / "config.json").is_file() and (built / "tokenizer.json").is_file()
     stamp = (built / "model.safetensors").stat().st_mtime_ns
