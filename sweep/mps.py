@@ -19,6 +19,14 @@ same GPUs, and says so. A machine that already runs MPS (its own daemon, or
 ``CUDA_MPS_PIPE_DIRECTORY`` set) is left as it is: the trials are its clients already. On a cluster
 (``--address``) each GPU node runs its own daemon (README).
 
+Which trial's kernels go first: the sweep gives every GPU trial an MPS client priority
+(``CUDA_MPS_CLIENT_PRIORITY``, set in the trial's process before it touches CUDA). The trial with the
+most work (``sweep.plan.relative_work``; and any within 10% of it) is a normal-priority client, the
+others below normal: when the GPU is full, the long pole's kernels run first and the shorter trials
+fill the gaps it leaves, instead of all of them slowing down alike and the longest one finishing
+alone on a GPU it cannot fill (measured on an H200, README "GPU sharing"). A search's samples, whose
+work is not known in advance, all stay normal.
+
 What MPS changes for a trial: nothing in its arithmetic (the same kernels run). GPU memory stays
 isolated per process on Volta and later GPUs, and a trial's own allocator cap (``trainers.trial.
 limit_gpu_memory``) still applies, so an out-of-memory error stays in its trial. A fatal GPU fault (an
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.cli import UserError
-from trainers.config import MPS_MACHINE_PIPE, MPS_PIPE_ENV
+from trainers.config import MPS_MACHINE_PIPE, MPS_PIPE_ENV, MPS_PRIORITY_ENV
 
 CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV, LOG_ENV = MPS_PIPE_ENV, "CUDA_MPS_LOG_DIRECTORY"
@@ -49,6 +57,23 @@ MODES = ("auto", "on", "off")
 TIMEOUT_S = 30
 ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
 OWNER = "driver.pid"  # in a daemon's directory: the driver that uses it
+
+
+PRIORITY_ENV = MPS_PRIORITY_ENV
+NORMAL, BELOW_NORMAL = 0, 1
+LONG_POLE = 0.9  # trials within 10% of the most work are treated as the long pole too
+
+
+def client_priorities(planned, shares: dict[str, float]) -> dict[str, int]:
+    """Each GPU-sharing trial's MPS client priority: normal for the long pole(s), below normal for the others
+    (see the module's docstring); empty when fewer than two trials share."""
+    from sweep.plan import relative_work
+
+    work = {p.cfg.name: relative_work(p.cfg) for p in planned if 0 < shares.get(p.cfg.name, 0.0) < 1}
+    most = max(work.values(), default=0.0)
+    if len(work) < 2 or most <= 0:
+        return {}
+    return {name: NORMAL if w >= LONG_POLE * most else BELOW_NORMAL for name, w in work.items()}
 
 
 def may_share(gpus_per_trial: float | str) -> bool:

@@ -76,6 +76,29 @@ def estimate_gpu_gb(cfg: TrialConfig, model, trainable: int) -> float:
     return ALLOCATOR_HEADROOM * (base + adapter + max(0.0 if cfg.baseline else train, evaluation)) / 2**30
 
 
+# Relative cost of one training example on the fast path, for telling which of the trials sharing a GPU
+# will take longest (sweep/mps.py). Fitted to the bench's steady tokens/s on an H200 (README, "Speed":
+# 13.0k / 8.4k / 7.1k for r8 attention 4-bit, r8 all linear 4-bit, r8 all linear 8-bit, OpenLLaMA-3B
+# shapes): a cost by the base's bits (the quantized layers' own kernels: LLM.int8's activation
+# quantization and outlier product make 8-bit 1.36 times 4-bit) plus one per adapted module in a layer
+# (LoRA's dropout, two products, scale and add, forward and backward). r hardly matters (13.0k vs 13.2k
+# for r8 and r16). A 16-bit base runs the same kernels as the fast path's 4-bit one (which keeps its
+# weights dequantized), so it counts as 4-bit.
+BITS_EXAMPLE_COST = {4: 1.0, 8: 1.36, 16: 1.0}
+ADAPTER_EXAMPLE_COST = 0.137
+
+
+def relative_work(cfg: TrialConfig) -> float:
+    """A trial's training work, comparable between trials of one sweep (same data): examples trained times
+    the cost of an example; 0 for the base row, which trains nothing."""
+    if cfg.baseline:
+        return 0.0
+    steps = cfg.max_steps or max_steps(cfg.to_dict())
+    layer_modules = sum(1 for m in cfg.target_modules if m != "lm_head")
+    cost = BITS_EXAMPLE_COST.get(cfg.bits, 1.0) + ADAPTER_EXAMPLE_COST * layer_modules
+    return steps * cfg.batch_size * cfg.grad_accum * cost
+
+
 @dataclass(frozen=True)
 class TargetShapes:
     """What a search's ``targets`` choices resolved to on the model: module names, trainable parameters per

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sweep import sweepdir
+from sweep import mps, sweepdir
 from sweep.cluster import trial_resources
 from sweep.plan import SweepPlan
 from sweep.sweepdir import TrialOutcome
@@ -30,7 +30,9 @@ def experiment_space(out: Path, exp: dict, plan: SweepPlan, evaluated: list[tupl
 
     logs = out / sweepdir.LOGS_DIR
     if "samples" not in exp:  # explicit trials: Ray's grid over their configs
-        configs = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0)} for p in plan.planned
+        priorities = mps.client_priorities(plan.planned, shares)
+        configs = [{**p.cfg.to_param(), "gpu_share": shares.get(p.cfg.name, 0.0),
+                    "mps_priority": priorities.get(p.cfg.name, mps.NORMAL)} for p in plan.planned
                    if exp["trials"] is None or p.cfg.fingerprint in exp["trials"]]
         return searchers.param_space(tune.grid_search(configs), logs), None, searchers.grid_name, 1
     alg, namer, point = searchers.searcher(plan.spec, samples_offset=exp["offset"], seeds=exp["seeds"],

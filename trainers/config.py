@@ -47,6 +47,7 @@ CUDA_OVERHEAD_GB = 1.5
 driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
 # NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
 MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
+MPS_PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # 0 normal, 1 below normal (sweep/mps.py)
 
 
 # ---- data formats (README "Your own data"; rendering in trainers/formats.py) ------------------------------------

@@ -75,7 +75,19 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def mps_client_priority(level: int) -> None:
+    """Ask to be a below-normal MPS client (``level`` 1: sweep/mps.py gives it to the trials sharing a GPU with
+    a longer one). CUDA reads it once, when it starts in the process, and importing the trial's libraries
+    starts it (bitsandbytes probes the GPU), so it is set here, before them; without MPS it does nothing."""
+    from trainers.config import MPS_PRIORITY_ENV
+
+    torch = sys.modules.get("torch")
+    if level and MPS_PRIORITY_ENV not in os.environ and not (torch and torch.cuda.is_initialized()):
+        os.environ[MPS_PRIORITY_ENV] = str(level)
+
+
 def _run(config: dict) -> None:
+    mps_client_priority(config["trial"].get("mps_priority", 0))
     from trainers.trial import tune_trainable as run_under_tune
 
     run_under_tune(config)

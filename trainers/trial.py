@@ -22,8 +22,8 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             HELDOUT_FILE, METRICS_FILE, MPS_MACHINE_PIPE, MPS_PIPE_ENV, CheckpointReport, EvalReport,
-                             StepReport, TrialConfig, TrialResult, is_quantized, perplexity)
+                             HELDOUT_FILE, METRICS_FILE, MPS_MACHINE_PIPE, MPS_PIPE_ENV, MPS_PRIORITY_ENV,
+                             CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult, is_quantized, perplexity)
 from trainers.data import DataError, build_splits, fingerprint
 from trainers.evaluate import (format_generations, generate, generation_metrics, heldout_losses, loss_masks,
                                quality_prompts)
@@ -124,10 +124,13 @@ def gpu_uuids(cuda: bool) -> list[str]:
 
 def gpu_sharing() -> str:
     """``whole``, or for a trial on a share of its GPU (limit_gpu_memory), ``mps`` when it is an MPS client (the
-    sweep's daemon, or the machine's) and ``time-sliced`` otherwise."""
+    sweep's daemon, or the machine's; ``mps, below normal`` when it gave way to a longer trial) and
+    ``time-sliced`` otherwise."""
     if float(os.environ.get(GPU_SHARE_ENV, "1")) >= 1:
         return "whole"
-    return "mps" if os.environ.get(MPS_PIPE_ENV) or Path(MPS_MACHINE_PIPE, "control").exists() else "time-sliced"
+    if not (os.environ.get(MPS_PIPE_ENV) or Path(MPS_MACHINE_PIPE, "control").exists()):
+        return "time-sliced"
+    return "mps, below normal" if os.environ.get(MPS_PRIORITY_ENV) == "1" else "mps"
 
 
 def device_info(cuda: bool) -> dict:

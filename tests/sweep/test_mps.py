@@ -217,6 +217,40 @@ def test_the_driver_stops_its_daemon_when_ray_does_not_start(control, tmp_path, 
     assert [c["call"] for c in control()] == ["-d", "quit"] and mps.PIPE_ENV not in os.environ
 
 
+def test_a_random_base_still_building_is_interrupted_cleanly_when_ray_does_not_start(tmp_path, monkeypatch):
+    """The driver builds the sweep's random: bases in a child while Ray starts; a start that fails (or a
+    Ctrl-C) interrupts the child, whose own cleanup removes its half-written copy, and leaves no process."""
+    import subprocess
+    import sys
+    import time
+
+    from sweep import cluster, driver
+    from sweep.cli import RunError
+    from trainers import models
+
+    opts = driver.SweepOptions(space="search_spaces/smoke.py", mps="off")
+    plan = driver.plan_sweep(opts, for_training=True)
+    ready, cleaned = tmp_path / "ready", tmp_path / "cleaned"
+    child = ("import pathlib, sys, time\ntry:\n    pathlib.Path(sys.argv[1]).touch()\n    time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    pathlib.Path(sys.argv[2]).touch()\n")
+    builds = []
+
+    def build(models_):
+        builds.append(subprocess.Popen([sys.executable, "-c", child, str(ready), str(cleaned)]))
+        return builds[-1]
+
+    def no_ray(*a, **k):
+        while not ready.exists():  # the child is in its build
+            time.sleep(0.05)
+        raise RunError("ray would not start")
+
+    monkeypatch.setattr(models, "prebuild_random", build)
+    monkeypatch.setattr(cluster, "start_ray", no_ray)
+    with pytest.raises(RunError):
+        driver.start(opts, plan, tmp_path / "sweep", None, None, None, None, logs=None)
+    assert len(builds) == 1 and builds[0].poll() is not None and cleaned.exists()
+
+
 @pytest.mark.parametrize("share, pipe_env, machine_daemon, says", [
     (None, None, False, "whole"),  # no share set: a GPU of its own
     ("1.0", "/tmp/x", False, "whole"),
@@ -225,7 +259,7 @@ def test_the_driver_stops_its_daemon_when_ray_does_not_start(control, tmp_path, 
     ("0.25", None, True, "mps"),  # the machine's
 ])
 def test_a_trial_records_how_it_had_its_gpu(tmp_path, monkeypatch, share, pipe_env, machine_daemon, says):
-    from trainers import trial
+    from trainers import entry, trial
     from trainers.models import GPU_SHARE_ENV
 
     for key, value in ((GPU_SHARE_ENV, share), (mps.PIPE_ENV, pipe_env)):
@@ -237,7 +271,28 @@ def test_a_trial_records_how_it_had_its_gpu(tmp_path, monkeypatch, share, pipe_e
     if machine_daemon:
         (tmp_path / "mps" / "control").touch()
     monkeypatch.setattr(trial, "MPS_MACHINE_PIPE", str(tmp_path / "mps"))
+    monkeypatch.delenv(mps.PRIORITY_ENV, raising=False)
     assert trial.gpu_sharing() == says
+    entry.mps_client_priority(mps.BELOW_NORMAL)  # a trial that gives way to a longer one on its GPU
+    assert os.environ[mps.PRIORITY_ENV] == "1"
+    assert trial.gpu_sharing() == (says + ", below normal" if says == "mps" else says)
+
+
+def test_a_trial_asks_for_its_mps_priority_only_before_cuda_starts_and_never_over_the_users(monkeypatch):
+    import torch
+
+    from trainers import entry as trial
+
+    monkeypatch.delenv(mps.PRIORITY_ENV, raising=False)
+    trial.mps_client_priority(mps.NORMAL)
+    assert mps.PRIORITY_ENV not in os.environ  # normal is CUDA's default
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    trial.mps_client_priority(mps.BELOW_NORMAL)
+    assert mps.PRIORITY_ENV not in os.environ  # too late: CUDA reads it once, when it starts
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv(mps.PRIORITY_ENV, "0")
+    trial.mps_client_priority(mps.BELOW_NORMAL)
+    assert os.environ[mps.PRIORITY_ENV] == "0"  # the user's own setting stands
 
 
 def test_a_trial_that_sees_no_gpu_under_mps_says_where_to_look(tmp_path, monkeypatch):

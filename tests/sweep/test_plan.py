@@ -7,7 +7,7 @@ import pytest
 from sweep import cluster
 from sweep.cli import UserError
 from sweep.plan import PlannedTrial, plan
-from sweep.space import expand, load_space, parse_sets
+from sweep.space import baseline_of, expand, load_space, parse_sets
 from tests.conftest import REPO
 from trainers.config import CUDA_OVERHEAD_GB, TrialConfig
 
@@ -51,3 +51,53 @@ def test_auto_shares_pack_small_trials_and_refuse_what_cannot_fit(monkeypatch):
     resources = cluster.trial_resources(shares)
     param = {"name": "small", "config": {"device": "cuda", "cpus_per_trial": 2}}
     assert resources({"trial": param}) == {"cpu": 2, "gpu": 0.25}
+
+
+# steady tokens/s of the fast path on an H200 (python -m sweep.bench, README "Speed"): the same data, so a
+# trial's time is inversely proportional to its rate
+MEASURED_FAST_RATE = {"r8-attention-4bit": 13041, "r16-attention-4bit": 13230, "r8-all_linear-4bit": 8448,
+                      "r8-all_linear-8bit": 7145}
+
+
+def test_relative_work_orders_the_paper_trials_as_an_h200_timed_them(paper_configs):
+    """The work estimate that picks a GPU's long pole (sweep/mps.py) against the measured time per example:
+    within 5% for each paper trial, relative to the fastest; the base row trains nothing."""
+    from sweep.plan import relative_work
+
+    planned = [p.cfg for p in plan(paper_configs + [baseline_of(paper_configs[0])], PAPER, for_training=False)]
+    work = {c.name: relative_work(c) for c in planned}
+    assert work.pop("base") == 0.0
+    fastest = max(MEASURED_FAST_RATE.values())
+    for name, w in work.items():
+        predicted = w / min(work.values())
+        measured = fastest / MEASURED_FAST_RATE[name]
+        assert predicted == pytest.approx(measured, rel=0.05), name
+    assert max(work, key=work.get) == "r8-all_linear-8bit"
+    long = replace(next(c for c in planned if c.name == "r8-attention-4bit"), epochs=12)
+    assert relative_work(long) > work["r8-all_linear-8bit"]  # more steps outweigh cheaper ones
+
+
+def test_mps_priorities_put_the_long_pole_first_on_a_shared_gpu(paper_configs, tmp_path):
+    from sweep import mps
+
+    planned = plan(paper_configs + [baseline_of(paper_configs[0])], PAPER, for_training=False)
+    shares = {"base": 0.11, "r8-attention-4bit": 0.19, "r16-attention-4bit": 0.19, "r8-all_linear-4bit": 0.24,
+              "r8-all_linear-8bit": 0.25}
+    assert mps.client_priorities(planned, shares) == {
+        "base": mps.BELOW_NORMAL, "r8-attention-4bit": mps.BELOW_NORMAL, "r16-attention-4bit": mps.BELOW_NORMAL,
+        "r8-all_linear-4bit": mps.BELOW_NORMAL, "r8-all_linear-8bit": mps.NORMAL}
+    # trials with whole GPUs share nothing; one shared trial has no one to go before
+    assert mps.client_priorities(planned, {n: 1.0 for n in shares}) == {}
+    assert mps.client_priorities(planned, {"r8-all_linear-8bit": 0.5}) == {}
+    # equal work (within 10%): both normal
+    twins = {"r8-attention-4bit": 0.4, "r16-attention-4bit": 0.4, "base": 0.1}
+    assert mps.client_priorities(planned, twins) == {"r8-attention-4bit": mps.NORMAL,
+                                                     "r16-attention-4bit": mps.NORMAL, "base": mps.BELOW_NORMAL}
+    # and each grid trial's Ray config carries its priority to the trial process (trainers.trial.tune_trainable)
+    from sweep.plan import SweepPlan
+    from sweep.tuner import experiment_space
+
+    sweep_plan = SweepPlan("paper", load_space(PAPER), planned, None, None, 0, "f")
+    space = experiment_space(tmp_path, {"trials": None}, sweep_plan, [], shares)[0]
+    entries = space["trial"]["grid_search"]
+    assert {e["config"]["name"]: e["mps_priority"] for e in entries} == mps.client_priorities(planned, shares)
