@@ -250,6 +250,16 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
         mps.stop_for_sweep(daemon)  # after Ray: no trial process is left using it
 
 
+def share_line(plan, shares: dict[str, float], address: str | None) -> str:
+    """The console's line of GPU shares, naming the trials whose kernels go first when the trials on this
+    machine are MPS clients (sweep/mps.py)."""
+    line = "GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items())
+    first = [n for n, level in mps.client_priorities(plan.planned, shares).items() if level == mps.NORMAL]
+    if first and address is None and mps.machine_daemon():
+        line += f" ({', '.join(first)} first under MPS)"
+    return line
+
+
 def share_trials(plan) -> list:
     """The trials GPU shares are sized for: the planned ones and, for a search, one standing for every
     sample (the largest estimate over its targets, bits and r)."""
@@ -331,7 +341,7 @@ def execute(opts: SweepOptions, manifest: dict, out: Path, plan, store: Tracking
         raise RunError(f"the tracking store {store.uri} failed as the sweep started ({guard.describe(e)}); run the "
                        "same command again once it answers") from None
     if shares:
-        print("GPU share per trial: " + ", ".join(f"{n} {s:g}" for n, s in shares.items()), flush=True)
+        print(share_line(plan, shares, opts.address), flush=True)
     experiments = sweepdir.experiments(manifest)
     known = table_trials(plan, collect(out, experiments), experiments)  # a search's samples so far
     live = console.Console(console.new_progress(manifest, out, known, opts.metric), out, verbose=opts.verbose)

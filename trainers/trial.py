@@ -23,7 +23,8 @@ from transformers import PrinterCallback, TrainerCallback
 from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
                              HELDOUT_FILE, METRICS_FILE, MPS_MACHINE_PIPE, MPS_PIPE_ENV, MPS_PRIORITY_ENV,
-                             CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult, is_quantized, perplexity)
+                             CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult, is_quantized,
+                             perplexity)
 from trainers.data import DataError, build_splits, fingerprint
 from trainers.evaluate import (format_generations, generate, generation_metrics, heldout_losses, loss_masks,
                                quality_prompts)

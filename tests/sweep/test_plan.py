@@ -101,3 +101,20 @@ def test_mps_priorities_put_the_long_pole_first_on_a_shared_gpu(paper_configs, t
     space = experiment_space(tmp_path, {"trials": None}, sweep_plan, [], shares)[0]
     entries = space["trial"]["grid_search"]
     assert {e["config"]["name"]: e["mps_priority"] for e in entries} == mps.client_priorities(planned, shares)
+
+
+def test_the_share_line_names_the_long_pole_only_when_the_trials_are_mps_clients(paper_configs, monkeypatch):
+    from sweep import driver, mps
+    from sweep.plan import SweepPlan
+
+    planned = plan(paper_configs, PAPER, for_training=False)
+    sweep_plan = SweepPlan("paper", load_space(PAPER), planned, None, None, 0, "f")
+    shares = {"r8-attention-4bit": 0.19, "r16-attention-4bit": 0.19, "r8-all_linear-4bit": 0.24,
+              "r8-all_linear-8bit": 0.25}
+    shares_text = ("GPU share per trial: r8-attention-4bit 0.19, r16-attention-4bit 0.19, r8-all_linear-4bit 0.24, "
+                   "r8-all_linear-8bit 0.25")
+    monkeypatch.setattr(mps, "machine_daemon", lambda: None)  # time-sliced: priorities do nothing
+    assert driver.share_line(sweep_plan, shares, None) == shares_text
+    monkeypatch.setattr(mps, "machine_daemon", lambda: "/tmp/lora-sweep-mps-0-abc")
+    assert driver.share_line(sweep_plan, shares, None) == shares_text + " (r8-all_linear-8bit first under MPS)"
+    assert driver.share_line(sweep_plan, shares, "10.0.0.1:6379") == shares_text  # the nodes' MPS is not known here
