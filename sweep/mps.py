@@ -57,10 +57,8 @@ MODES = ("auto", "on", "off")
 TIMEOUT_S = 30
 ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
 OWNER = "driver.pid"  # in a daemon's directory: the driver that uses it
-
-
 PRIORITY_ENV = MPS_PRIORITY_ENV
-NORMAL, BELOW_NORMAL = 0, 1
+NORMAL, BELOW_NORMAL = 0, 1  # its values
 LONG_POLE = 0.9  # trials within 10% of the most work are treated as the long pole too
 
 

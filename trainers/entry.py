@@ -78,7 +78,8 @@ def _now() -> str:
 def mps_client_priority(level: int) -> None:
     """Ask to be a below-normal MPS client (``level`` 1: sweep/mps.py gives it to the trials sharing a GPU with
     a longer one). CUDA reads it once, when it starts in the process, and importing the trial's libraries
-    starts it (bitsandbytes probes the GPU), so it is set here, before them; without MPS it does nothing."""
+    starts CUDA: set after those imports, it never took effect (seen on an H200), so it is set here, before
+    them. Without MPS it does nothing."""
     from trainers.config import MPS_PRIORITY_ENV
 
     torch = sys.modules.get("torch")
