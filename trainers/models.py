@@ -403,7 +403,13 @@ def snapshot_tokenizer(model_id: str) -> str:
 
 
 if __name__ == "__main__":  # prebuild_random's child: python -m trainers.models NAME SEED [NAME SEED ...]
+    import signal
     import sys
+
+    # The driver stops a build it no longer needs with SIGINT, and the build's cleanup removes its half-written
+    # copy. A child whose parent ignores SIGINT inherits that (Python then leaves it ignored: seen in the test
+    # suite's process), and would only be killed, its copy left behind.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     for name, seed in zip(sys.argv[1::2], sys.argv[2::2]):
         materialize_random(name, int(seed))
