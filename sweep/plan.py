@@ -95,7 +95,7 @@ def relative_work(cfg: TrialConfig) -> float:
         return 0.0
     steps = cfg.max_steps or max_steps(cfg.to_dict())
     layer_modules = sum(1 for m in cfg.target_modules if m != "lm_head")
-    cost = BITS_EXAMPLE_COST.get(cfg.bits, 1.0) + ADAPTER_EXAMPLE_COST * layer_modules
+    cost = BITS_EXAMPLE_COST[cfg.bits] + ADAPTER_EXAMPLE_COST * layer_modules  # bits: 4, 8 or 16 (validated)
     return steps * cfg.batch_size * cfg.grad_accum * cost
 
 
