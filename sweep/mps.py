@@ -20,12 +20,15 @@ same GPUs, and says so. A machine that already runs MPS (its own daemon, or
 (``--address``) each GPU node runs its own daemon (README).
 
 Which trial's kernels go first: the sweep gives every GPU trial an MPS client priority
-(``CUDA_MPS_CLIENT_PRIORITY``, set in the trial's process before it touches CUDA). The trial with the
-most work (``sweep.plan.relative_work``; and any within 10% of it) is a normal-priority client, the
-others below normal: when the GPU is full, the long pole's kernels run first and the shorter trials
-fill the gaps it leaves, instead of all of them slowing down alike and the longest one finishing
-alone on a GPU it cannot fill (measured on an H200, README "GPU sharing"). A search's samples, whose
-work is not known in advance, all stay normal.
+(``CUDA_MPS_CLIENT_PRIORITY``, set in the trial's process before it touches CUDA). The trials with the
+most work (``sweep.plan.relative_work``: the largest, and any with at least 3/4 of it) are
+normal-priority clients, the others below normal: when the GPU is full, the long poles' kernels run
+first and the shorter trials fill the gaps they leave, instead of all of them slowing down alike and
+the longest one finishing alone on a GPU it cannot fill. Why 3/4, measured on an H200 (README "GPU
+sharing"): with the paper grid's 8-bit trial alone normal, the all-linear 4-bit trial, with 84% of
+its work, got the smallest part of the GPU and became the new long pole; the attention trials, with
+55% of it, can give way and still catch up, as they run fastest once alone. A search's samples,
+whose work is not known in advance, all stay normal.
 
 What MPS changes for a trial: nothing in its arithmetic (the same kernels run). GPU memory stays
 isolated per process on Volta and later GPUs, and a trial's own allocator cap (``trainers.trial.
@@ -59,7 +62,7 @@ ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
 OWNER = "driver.pid"  # in a daemon's directory: the driver that uses it
 PRIORITY_ENV = MPS_PRIORITY_ENV
 NORMAL, BELOW_NORMAL = 0, 1  # its values
-LONG_POLE = 0.9  # trials within 10% of the most work are treated as the long pole too
+LONG_POLE = 0.75  # trials with at least this part of the most work go first too (the docstring says why)
 
 
 def client_priorities(planned, shares: dict[str, float]) -> dict[str, int]:

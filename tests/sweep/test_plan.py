@@ -85,11 +85,14 @@ def test_mps_priorities_put_the_long_pole_first_on_a_shared_gpu(paper_configs, t
               "r8-all_linear-8bit": 0.25}
     assert mps.client_priorities(planned, shares) == {
         "base": mps.BELOW_NORMAL, "r8-attention-4bit": mps.BELOW_NORMAL, "r16-attention-4bit": mps.BELOW_NORMAL,
-        "r8-all_linear-4bit": mps.BELOW_NORMAL, "r8-all_linear-8bit": mps.NORMAL}
+        "r8-all_linear-4bit": mps.NORMAL, "r8-all_linear-8bit": mps.NORMAL}  # 4-bit has 84% of the 8-bit's work
     # trials with whole GPUs share nothing; one shared trial has no one to go before
     assert mps.client_priorities(planned, {n: 1.0 for n in shares}) == {}
     assert mps.client_priorities(planned, {"r8-all_linear-8bit": 0.5}) == {}
-    # equal work (within 10%): both normal
+    # the attention trial has 55% of the 8-bit's work: it gives way
+    assert mps.client_priorities(planned, {"r8-attention-4bit": 0.4, "r8-all_linear-8bit": 0.5}) == {
+        "r8-attention-4bit": mps.BELOW_NORMAL, "r8-all_linear-8bit": mps.NORMAL}
+    # equal work: both normal
     twins = {"r8-attention-4bit": 0.4, "r16-attention-4bit": 0.4, "base": 0.1}
     assert mps.client_priorities(planned, twins) == {"r8-attention-4bit": mps.NORMAL,
                                                      "r16-attention-4bit": mps.NORMAL, "base": mps.BELOW_NORMAL}
@@ -116,5 +119,5 @@ def test_the_share_line_names_the_long_pole_only_when_the_trials_are_mps_clients
     monkeypatch.setattr(mps, "machine_daemon", lambda: None)  # time-sliced: priorities do nothing
     assert driver.share_line(sweep_plan, shares, None) == shares_text
     monkeypatch.setattr(mps, "machine_daemon", lambda: "/tmp/lora-sweep-mps-0-abc")
-    assert driver.share_line(sweep_plan, shares, None) == shares_text + " (r8-all_linear-8bit first under MPS)"
+    assert driver.share_line(sweep_plan, shares, None) == shares_text + " (r8-all_linear-4bit, r8-all_linear-8bit first under MPS)"
     assert driver.share_line(sweep_plan, shares, "10.0.0.1:6379") == shares_text  # the nodes' MPS is not known here
