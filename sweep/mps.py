@@ -51,11 +51,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.cli import UserError
-from trainers.config import MPS_MACHINE_PIPE, MPS_PIPE_ENV, MPS_PRIORITY_ENV
+from trainers.config import MPS_PIPE_ENV, MPS_PRIORITY_ENV, mps_daemon
 
 CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV, LOG_ENV = MPS_PIPE_ENV, "CUDA_MPS_LOG_DIRECTORY"
-MACHINE_PIPE = Path(MPS_MACHINE_PIPE)  # where a daemon started without CUDA_MPS_PIPE_DIRECTORY listens
 MODES = ("auto", "on", "off")
 TIMEOUT_S = 30
 ROOT = Path(tempfile.gettempdir())  # where the sweeps' daemon directories are
@@ -94,13 +93,7 @@ def check(mode: str, address: str | None) -> None:
                         "or off")
 
 
-def machine_daemon() -> str | None:
-    """A daemon the machine runs already (the trials are its clients without us), described; else None."""
-    if os.environ.get(PIPE_ENV):
-        return f"{PIPE_ENV}={os.environ[PIPE_ENV]}"
-    if (MACHINE_PIPE / "control").exists():
-        return str(MACHINE_PIPE)
-    return None
+machine_daemon = mps_daemon  # a daemon the machine runs already: the trials are its clients without us
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import string
 from dataclasses import dataclass, field, fields
@@ -48,6 +49,17 @@ driver adds it to each trial's estimate, a trial on a shared GPU leaves it out o
 # NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
 MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
 MPS_PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # 0 normal, 1 below normal (sweep/mps.py)
+
+
+def mps_daemon() -> str | None:
+    """The MPS control daemon a CUDA process started now would be a client of, described (the variable,
+    else the machine's default directory when a daemon listens there); None: it would not be a client. The
+    driver asks before it starts one of its own (sweep/mps.py), a trial when it records how it had its GPU."""
+    if os.environ.get(MPS_PIPE_ENV):
+        return f"{MPS_PIPE_ENV}={os.environ[MPS_PIPE_ENV]}"
+    if os.path.exists(os.path.join(MPS_MACHINE_PIPE, "control")):
+        return MPS_MACHINE_PIPE
+    return None
 
 
 # ---- data formats (README "Your own data"; rendering in trainers/formats.py) ------------------------------------

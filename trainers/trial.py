@@ -22,9 +22,9 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             HELDOUT_FILE, METRICS_FILE, MPS_MACHINE_PIPE, MPS_PIPE_ENV, MPS_PRIORITY_ENV,
+                             HELDOUT_FILE, METRICS_FILE, MPS_PIPE_ENV, MPS_PRIORITY_ENV,
                              CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult, is_quantized,
-                             perplexity)
+                             mps_daemon, perplexity)
 from trainers.data import DataError, build_splits, fingerprint
 from trainers.evaluate import (format_generations, generate, generation_metrics, heldout_losses, loss_masks,
                                quality_prompts)
@@ -129,7 +129,7 @@ def gpu_sharing() -> str:
     ``time-sliced`` otherwise."""
     if float(os.environ.get(GPU_SHARE_ENV, "1")) >= 1:
         return "whole"
-    if not (os.environ.get(MPS_PIPE_ENV) or Path(MPS_MACHINE_PIPE, "control").exists()):
+    if mps_daemon() is None:
         return "time-sliced"
     return "mps, below normal" if os.environ.get(MPS_PRIORITY_ENV) == "1" else "mps"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sweep import mps
+from trainers import config
 from sweep.cli import UserError
 
 STAND_IN = """#!/usr/bin/env python3
@@ -51,7 +52,7 @@ def control(tmp_path, monkeypatch):
     monkeypatch.setenv("STAND_IN_CALLS", str(calls))
     monkeypatch.delenv(mps.PIPE_ENV, raising=False)
     monkeypatch.delenv(mps.LOG_ENV, raising=False)
-    monkeypatch.setattr(mps, "MACHINE_PIPE", tmp_path / "no-machine-daemon")
+    monkeypatch.setattr(config, "MPS_MACHINE_PIPE", str(tmp_path / "no-machine-daemon"))
     monkeypatch.setattr(mps, "ROOT", tmp_path / "run")  # the sweeps' daemon directories, this test's own
     return lambda: [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
@@ -281,7 +282,7 @@ def test_a_trial_records_how_it_had_its_gpu(tmp_path, monkeypatch, share, pipe_e
     (tmp_path / "mps").mkdir()
     if machine_daemon:
         (tmp_path / "mps" / "control").touch()
-    monkeypatch.setattr(trial, "MPS_MACHINE_PIPE", str(tmp_path / "mps"))
+    monkeypatch.setattr(config, "MPS_MACHINE_PIPE", str(tmp_path / "mps"))
     monkeypatch.delenv(mps.PRIORITY_ENV, raising=False)
     assert trial.gpu_sharing() == says
     entry.mps_client_priority(mps.BELOW_NORMAL)  # a trial that gives way to a longer one on its GPU
