@@ -12,7 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sweep import cluster, mps, storage, sweepdir
@@ -25,6 +26,34 @@ from sweep.tracking import MLflowTracker
 from trainers.config import is_finite_number, name_problem
 
 MIN_GPU_SHARE = 0.01  # Ray keeps resource amounts to four decimals; finer shares are not shares
+
+
+@dataclass
+class Timeline:
+    """When the driver's phases ended, in seconds from the start of ``run_sweep`` (the command's own imports,
+    ~0.1 s, come before), appended to DIR/logs/driver.log as one line when the driver is done: where a sweep's
+    minutes went before its first trial started and after its last one ended (the checks, Ray's start and
+    stop, a ``random:`` base written, the MPS daemon stopped; README "Speed"). Never on the console. Written
+    with a plain append, not a logging handler, so a full disk costs only this line (a handler would print
+    a traceback)."""
+
+    started: float = field(default_factory=time.monotonic)
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.monotonic() - self.started))
+
+    def line(self) -> str:
+        return "driver timeline (s from its start): " + ", ".join(f"{w} {t:.1f}" for w, t in self.marks)
+
+    def append_to(self, log: Path) -> None:
+        """Only into a driver log the sweep already writes: a refused sweep leaves no file behind."""
+        if log.is_file():
+            try:
+                with open(log, "a") as f:
+                    f.write(time.strftime("%Y-%m-%d %H:%M:%S") + " INFO lora_sweep: " + self.line() + "\n")
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)
@@ -163,8 +192,10 @@ def run_sweep(opts: SweepOptions) -> int:
     from sweep import extend
     from sweep.console import DriverLogs
 
+    timeline = Timeline()
     check_options(opts)
     plan = plan_sweep(opts, for_training=True)
+    timeline.mark("planned")
     out = Path(opts.output or Path("sweeps") / plan.name).resolve()
     sweepdir.check_writable(out)
     cluster.check_address(opts.address)
@@ -180,7 +211,7 @@ def run_sweep(opts: SweepOptions) -> int:
         if tune_storage is not None:
             storage.check(tune_storage)  # before the tracking probe, which may create a SQLite file
         check_store(store)  # only a store that answered is ever recorded in sweep.json
-        return start(opts, plan, out, manifest, added, store, tune_storage, logs)
+        return start(opts, plan, out, manifest, added, store, tune_storage, logs, timeline)
 
 
 def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> TrackingStore:
@@ -199,10 +230,14 @@ def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> Trac
 
 
 def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: list | None, store: TrackingStore,
-          tune_storage: storage.Storage | None, logs) -> int:
+          tune_storage: storage.Storage | None, logs, timeline: Timeline | None = None) -> int:
     import ray
 
     from sweep import extend
+    from sweep.console import DRIVER_LOG
+
+    timeline = timeline or Timeline()
+    timeline.mark("checked")
 
     build = None
     if opts.address is None:  # trials on this machine: its random bases built once, before they start
@@ -215,9 +250,11 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
         daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,
                                      cuda_trials=any(p.cfg.device == "cuda" for p in share_trials(plan)), out=out)
         cluster.start_ray(opts.address, opts.dashboard_host, opts.node_ip, verbose=opts.verbose)
+        timeline.mark("Ray started")
         logs.quiet()
         if build is not None:
             build.wait()  # built while Ray started
+            timeline.mark("random base written")
         with patched_env(store.env()):  # the driver's MLflow client only: Ray's processes are already up
             shares = cluster.gpu_shares(share_trials(plan), opts.gpus_per_trial)  # auto: from the GPUs' memory
             cluster.check_resources(share_trials(plan), shares, cluster.parse_resources(opts.trial_resources))
@@ -238,7 +275,11 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
                     flush=True)
                 manifest = sweepdir.update_manifest(out, manifest, space_fingerprint=plan.fingerprint,
                                                     experiments=sweepdir.experiments(manifest) + added)
-            return execute(opts, manifest, out, plan, store, shares)
+            timeline.mark("sweep started")
+            try:
+                return execute(opts, manifest, out, plan, store, shares)
+            finally:
+                timeline.mark("sweep ended")  # its table and reports written
     finally:
         if build is not None and build.poll() is None:  # Ctrl-C'd or refused while it built
             build.send_signal(signal.SIGINT)  # its own cleanup removes the half-written copy
@@ -247,7 +288,11 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
             except subprocess.TimeoutExpired:
                 build.kill()
         ray.shutdown()
-        mps.stop_for_sweep(daemon)  # after Ray: no trial process is left using it
+        timeline.mark("Ray stopped")
+        if daemon is not None:
+            mps.stop_for_sweep(daemon)  # after Ray: no trial process is left using it
+            timeline.mark("MPS daemon stopped")
+        timeline.append_to(out / sweepdir.LOGS_DIR / DRIVER_LOG)
 
 
 def share_line(plan, shares: dict[str, float], address: str | None) -> str:

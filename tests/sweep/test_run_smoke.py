@@ -192,7 +192,17 @@ def test_console_is_quiet_and_every_trial_ends_on_one_line(sweep):
         assert "Failed to load CPU gemm_4bit_forward" in text, name  # printed while the trial's imports ran
         if "all_linear" in name:
             assert "UserWarning: Setting `save_embedding_layers`" in text, name
-    assert "Started a local Ray instance" in (logs / "driver.log").read_text()
+    driver_log = (logs / "driver.log").read_text()
+    assert "Started a local Ray instance" in driver_log
+    # the driver's timeline, once, last: its phases in order (no random: base, no MPS daemon on a CPU sweep)
+    (timeline,) = re.findall(r"^.* INFO lora_sweep: driver timeline \(s from its start\): (.*)$", driver_log, re.M)
+    assert driver_log.rstrip().endswith(timeline)
+    marks = [(m[0], float(m[1])) for m in re.findall(r"([A-Za-z ]+?) (\d+\.\d)(?:, |$)", timeline)]
+    assert [m[0] for m in marks] == ["planned", "checked", "Ray started", "sweep started", "sweep ended",
+                                     "Ray stopped"], timeline
+    seconds = [m[1] for m in marks]
+    assert seconds == sorted(seconds) and seconds[-1] < sweep["seconds"]
+    assert seconds[4] - seconds[3] > 20  # five trials trained between the two
 
 
 def test_plots_are_pngs_built_from_every_trial(sweep):
