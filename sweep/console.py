@@ -31,6 +31,7 @@ REDRAW_EVERY = 1.0  # seconds between redraws of the live block on a terminal
 SAVE_EVERY = 5.0  # seconds between writes of progress.json (besides one at every status change)
 DRIVER_LOG = "driver.log"
 LIBRARY_LOGGERS = ("ray", "mlflow", "alembic")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # DIR/logs/driver.log's lines
 
 
 def plain_every(elapsed: float) -> float:
@@ -226,7 +227,7 @@ class DriverLogs:
     def __init__(self, verbose: bool):
         self.verbose = verbose
         self.buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
-        self.buffer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.buffer.setFormatter(logging.Formatter(LOG_FORMAT))
         import mlflow  # noqa: F401 - it sets up its console handler on import: import first, then quiet it
         self.quiet()
         for name in LIBRARY_LOGGERS:

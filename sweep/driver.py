@@ -47,11 +47,17 @@ class Timeline:
         return "driver timeline (s from its start): " + ", ".join(f"{w} {t:.1f}" for w, t in self.marks)
 
     def append_to(self, log: Path) -> None:
-        """Only into a driver log the sweep already writes: a refused sweep leaves no file behind."""
+        """Only into a driver log the sweep already writes (a refused sweep leaves no file behind), formatted
+        as the log's other lines."""
+        import logging
+
+        from sweep.console import LOG_FORMAT
+
         if log.is_file():
+            record = logging.makeLogRecord({"name": "lora_sweep", "levelname": "INFO", "msg": self.line()})
             try:
                 with open(log, "a") as f:
-                    f.write(time.strftime("%Y-%m-%d %H:%M:%S") + " INFO lora_sweep: " + self.line() + "\n")
+                    f.write(logging.Formatter(LOG_FORMAT).format(record) + "\n")
             except OSError:
                 pass
 

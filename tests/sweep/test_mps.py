@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from sweep import mps
-from trainers import config
 from sweep.cli import UserError
+from trainers import config
 
 STAND_IN = """#!/usr/bin/env python3
 import json, os, sys

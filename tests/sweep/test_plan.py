@@ -119,5 +119,6 @@ def test_the_share_line_names_the_long_pole_only_when_the_trials_are_mps_clients
     monkeypatch.setattr(mps, "machine_daemon", lambda: None)  # time-sliced: priorities do nothing
     assert driver.share_line(sweep_plan, shares, None) == shares_text
     monkeypatch.setattr(mps, "machine_daemon", lambda: "/tmp/lora-sweep-mps-0-abc")
-    assert driver.share_line(sweep_plan, shares, None) == shares_text + " (r8-all_linear-4bit, r8-all_linear-8bit first under MPS)"
+    assert driver.share_line(sweep_plan, shares, None) == (
+        shares_text + " (r8-all_linear-4bit, r8-all_linear-8bit first under MPS)")
     assert driver.share_line(sweep_plan, shares, "10.0.0.1:6379") == shares_text  # the nodes' MPS is not known here
