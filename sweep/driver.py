@@ -8,9 +8,7 @@ Ray started, the sweep's experiments run in order (``sweep/extend.py``), and the
 from __future__ import annotations
 
 import ipaddress
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -24,6 +22,7 @@ from sweep.space import baseline_of, expand, load_space, parse_sets
 from sweep.store import TrackingStore, check_store, patched_env, redact, strip_credentials, tracking_uri
 from sweep.tracking import MLflowTracker
 from trainers.config import is_finite_number, name_problem
+from trainers.random_bases import prebuild_random, random_bases, stop_build
 
 MIN_GPU_SHARE = 0.01  # Ray keeps resource amounts to four decimals; finer shares are not shares
 
@@ -106,12 +105,13 @@ def _search(space, opts: SweepOptions, sets: dict, for_training: bool):
     return replace(spec, fixed={**spec.fixed, "model": first.model, "dataset": first.dataset}), shapes
 
 
-def plan_sweep(opts: SweepOptions, *, for_training: bool):
-    """The space file's trials (or search), validated and counted, with the ``base`` row first unless turned off."""
+def plan_sweep(opts: SweepOptions, *, for_training: bool, space=None):
+    """The space file's trials (or search), validated and counted, with the ``base`` row first unless turned off.
+    ``space``: the space file, already run (a space file is run once per command)."""
     from sweep.plan import PlannedTrial, SweepPlan, plan
     from sweep.search import check_schedule, space_fingerprint
 
-    space = load_space(opts.space)
+    space = space or load_space(opts.space)
     sets = parse_sets(opts.sets)
     spec = shapes = None
     if space.search is not None:
@@ -194,13 +194,37 @@ def check_options(opts: SweepOptions) -> None:
 
 
 def run_sweep(opts: SweepOptions) -> int:
-    """Every check that can refuse the sweep, then (holding the directory's lock) the run itself."""
+    """Every check that can refuse the sweep, then (holding the directory's lock) the run itself; a grid's
+    ``random:`` bases are written meanwhile, from the start."""
+    timeline = Timeline()
+    check_options(opts)
+    space = load_space(opts.space)
+    build = None if opts.address else prebuild_random(grid_random_bases(opts, space))
+    try:
+        return checked_run(opts, space, build, timeline)
+    finally:
+        stop_build(build)  # refused while it built (a finished or waited-for build is left alone)
+
+
+def grid_random_bases(opts: SweepOptions, space) -> set[tuple[str, int]]:
+    """A grid's ``random:`` bases, read from its expanded trials before the plan imports torch and reads the
+    data, so their build (29 s for the 3B base on an H200 host) overlaps the plan, the checks and Ray's start
+    (on an H200 it had waited 17 s beyond Ray's start when it began after the checks). A search's bases
+    are known only from its plan (``start`` builds them then); a space the plan refuses builds nothing."""
+    if space.search is not None:
+        return set()
+    try:
+        return random_bases(expand(space, opts.space, parse_sets(opts.sets)))
+    except UserError:  # the plan refuses it next, with this same line
+        return set()
+
+
+def checked_run(opts: SweepOptions, space, build, timeline: Timeline) -> int:
+    """The plan and every check that can refuse it, then ``start``."""
     from sweep import extend
     from sweep.console import DriverLogs
 
-    timeline = Timeline()
-    check_options(opts)
-    plan = plan_sweep(opts, for_training=True)
+    plan = plan_sweep(opts, for_training=True, space=space)
     timeline.mark("planned")
     out = Path(opts.output or Path("sweeps") / plan.name).resolve()
     sweepdir.check_writable(out)
@@ -217,7 +241,7 @@ def run_sweep(opts: SweepOptions) -> int:
         if tune_storage is not None:
             storage.check(tune_storage)  # before the tracking probe, which may create a SQLite file
         check_store(store)  # only a store that answered is ever recorded in sweep.json
-        return start(opts, plan, out, manifest, added, store, tune_storage, logs, timeline)
+        return start(opts, plan, out, manifest, added, store, tune_storage, logs, timeline, build)
 
 
 def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> TrackingStore:
@@ -236,7 +260,8 @@ def tracking_store(opts: SweepOptions, out: Path, manifest: dict | None) -> Trac
 
 
 def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: list | None, store: TrackingStore,
-          tune_storage: storage.Storage | None, logs, timeline: Timeline | None = None) -> int:
+          tune_storage: storage.Storage | None, logs, timeline: Timeline | None = None, build=None) -> int:
+    """``build``: the child writing the sweep's ``random:`` bases, if ``run_sweep`` started one already."""
     import ray
 
     from sweep import extend
@@ -245,12 +270,8 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
     timeline = timeline or Timeline()
     timeline.mark("checked")
 
-    build = None
-    if opts.address is None:  # trials on this machine: its random bases built once, before they start
-        from trainers.models import prebuild_random
-
-        build = prebuild_random({(p.cfg.model.removeprefix("random:"), p.cfg.seed) for p in share_trials(plan)
-                                 if p.cfg.model.startswith("random:")})
+    if opts.address is None and build is None:  # trials on this machine: their random bases built once, before
+        build = prebuild_random(random_bases(p.cfg for p in share_trials(plan)))  # they start (a search's, or what a grid's left out)
     daemon = None
     try:
         daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,
@@ -287,12 +308,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
             finally:
                 timeline.mark("sweep ended")  # its table and reports written
     finally:
-        if build is not None and build.poll() is None:  # Ctrl-C'd or refused while it built
-            build.send_signal(signal.SIGINT)  # its own cleanup removes the half-written copy
-            try:
-                build.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                build.kill()
+        stop_build(build)  # Ctrl-C'd or refused while it built
         ray.shutdown()
         timeline.mark("Ray stopped")
         if daemon is not None:

@@ -13,9 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach for the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
-    """Materialized random: models for this test session only."""
+    """Materialized random: models for this test session only (every test: a refused sweep may have started
+    writing its grid's random: base before its plan refused it)."""
     path = tmp_path_factory.mktemp("model-cache")
     os.environ["LORA_SWEEP_CACHE"] = str(path)
     return path

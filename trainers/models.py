@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.pytorch_utils import Conv1D
 
 from trainers.config import compute_dtype_name, uses_fast_kbit
+from trainers.random_bases import random_checkpoint
 
 ASSETS = Path(__file__).parent / "assets" / "models"
 # Hub ids whose config we bundle, so --dry-run and validation work with no network.
@@ -165,10 +166,6 @@ def lora_config(cfg):
 
 # ---- loading for a trial (needs weights) ---------------------------------------------------------
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LORA_SWEEP_CACHE", Path.home() / ".cache" / "lora-sweep"))
-
-
 def materialize_random(name: str, seed: int) -> Path:
     """Write ``random:<name>`` with seed ``seed`` as a checkpoint once; reuse it afterwards.
 
@@ -209,31 +206,6 @@ def materialize_random(name: str, seed: int) -> Path:
             torch.set_num_threads(threads)
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def random_checkpoint(name: str, seed: int) -> Path:
-    """Where ``random:<name>`` with ``seed`` is materialized in the model cache."""
-    return cache_root() / "random" / f"{name}-seed{seed}"
-
-
-def prebuild_random(models: set[tuple[str, int]]):
-    """Start writing the sweep's ``random:`` bases before any trial starts (the driver, for trials on this
-    machine); returns the child process to wait for (None: nothing to build).
-
-    Packed trials share their GPU under a memory cap and so build on the CPU, one Ray thread each, while
-    the others wait on the lock: about two minutes of every packed 3B trial's setup on an H200 host. Here
-    the build runs once, on the whole GPU, in a child process, so the driver holds no CUDA memory after it;
-    the driver starts Ray meanwhile (the 3B base took 29 s on an H200 host). A build that fails is left to
-    the trials (which report their own error)."""
-    import subprocess
-    import sys
-
-    missing = [str(x) for name, seed in sorted(models) if not (random_checkpoint(name, seed) / "config.json").is_file()
-               for x in (name, seed)]
-    if not missing:
-        return None
-    return subprocess.Popen([sys.executable, "-m", "trainers.models", *missing], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
 
 
 def _build_device() -> str:
@@ -401,15 +373,3 @@ def snapshot_tokenizer(model_id: str) -> str:
     except Exception as e:  # noqa: BLE001 - any miss means it is not cached
         raise OSError(str(e)) from None
 
-
-if __name__ == "__main__":  # prebuild_random's child: python -m trainers.models NAME SEED [NAME SEED ...]
-    import signal
-    import sys
-
-    # The driver stops a build it no longer needs with SIGINT, and the build's cleanup removes its half-written
-    # copy. A child whose parent ignores SIGINT inherits that (Python then leaves it ignored: seen in the test
-    # suite's process), and would only be killed, its copy left behind.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    for name, seed in zip(sys.argv[1::2], sys.argv[2::2]):
-        materialize_random(name, int(seed))

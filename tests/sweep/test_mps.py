@@ -218,51 +218,6 @@ def test_the_driver_stops_its_daemon_when_ray_does_not_start(control, tmp_path, 
     assert [c["call"] for c in control()] == ["-d", "quit"] and mps.PIPE_ENV not in os.environ
 
 
-def test_a_random_base_still_building_is_interrupted_cleanly_when_ray_does_not_start(tmp_path, monkeypatch):
-    """The driver builds the sweep's random: bases in a child while Ray starts; a start that fails (or a
-    Ctrl-C) interrupts the child, whose own cleanup removes its half-written copy, and leaves no process."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from sweep import cluster, driver
-    from sweep.cli import RunError
-    from tests.conftest import REPO
-    from trainers import models
-
-    opts = driver.SweepOptions(space="search_spaces/smoke.py", mps="off")
-    plan = driver.plan_sweep(opts, for_training=True)
-    ready, cleaned = tmp_path / "ready", tmp_path / "cleaned"
-    # a stand-in for `python -m trainers.models`: the same first line (SIGINT raises KeyboardInterrupt even when
-    # the parent ignores it), then a build that cleans up when interrupted
-    child = ("import pathlib, signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\ntry:\n"
-             "    pathlib.Path(sys.argv[1]).touch()\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-             "    pathlib.Path(sys.argv[2]).touch()\n")
-    main = (REPO / "trainers" / "models.py").read_text().split('if __name__ == "__main__":')[1]
-    assert "signal.signal(signal.SIGINT, signal.default_int_handler)" in main
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the children inherit in the full suite
-    builds = []
-
-    def build(models_):
-        builds.append(subprocess.Popen([sys.executable, "-c", child, str(ready), str(cleaned)]))
-        return builds[-1]
-
-    def no_ray(*a, **k):
-        while not ready.exists():  # the child is in its build
-            time.sleep(0.05)
-        raise RunError("ray would not start")
-
-    monkeypatch.setattr(models, "prebuild_random", build)
-    monkeypatch.setattr(cluster, "start_ray", no_ray)
-    try:
-        with pytest.raises(RunError):
-            driver.start(opts, plan, tmp_path / "sweep", None, None, None, None, logs=None)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert len(builds) == 1 and builds[0].returncode == 0 and cleaned.exists()  # interrupted, not killed
-
-
 @pytest.mark.parametrize("share, pipe_env, machine_daemon, says", [
     (None, None, False, "whole"),  # no share set: a GPU of its own
     ("1.0", "/tmp/x", False, "whole"),

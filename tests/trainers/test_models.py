@@ -59,7 +59,7 @@ def test_random_model_is_materialized_once_and_seeded(model_cache):
 
 def test_prebuild_writes_the_random_base_a_trial_then_reads(model_cache):
     """The driver's prebuild (a child process, all cores) writes the same checkpoint a trial would build."""
-    from trainers.models import prebuild_random
+    from trainers.random_bases import prebuild_random
 
     torch.set_num_threads(1)  # as Ray leaves a trial
     build = prebuild_random({("tiny-llama", 11), ("tiny-llama", 12)})
