@@ -139,6 +139,7 @@ class Daemon:
                 return f"{self.pipe} is not this user's own directory"
             if self.running():
                 return None
+            (self.pipe / "control").unlink(missing_ok=True)  # a dead daemon's socket: the wait below is for the new one
             (self.pipe / "log").mkdir(mode=0o700, exist_ok=True)
             started = subprocess.run([CONTROL, "-d"], env=self.env, capture_output=True, text=True,
                                      timeout=TIMEOUT_S).returncode == 0
@@ -161,13 +162,19 @@ class Daemon:
         (self.pipe / OWNER).write_text(str(os.getpid()))
 
     def stop(self) -> None:
+        """Quit the daemon and wait (at most TIMEOUT_S) until it no longer answers. Its socket file outlives it
+        (seen on an H200: the daemon gone within a second of ``quit``, ``control`` still there), so that file is
+        no sign of it; waiting for the file to go cost every sweep under MPS 30 s at its end. The stale file is
+        removed, so the next sweep on this directory finds no daemon without asking."""
         try:
             self.control("quit")
         except (OSError, subprocess.SubprocessError):
             pass  # nothing more to do: a daemon that does not answer is found and stopped by the next run
         deadline = time.monotonic() + TIMEOUT_S
-        while (self.pipe / "control").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while (alive := self.running()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive:
+            (self.pipe / "control").unlink(missing_ok=True)
 
 
 def pipe_dir(out: Path) -> Path:
