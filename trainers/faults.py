@@ -4,7 +4,8 @@ LORA_SWEEP_FAULTS is JSON: trial name -> {step, mode, marker?, sleep?}. Mode ``r
 ``step``; ``kill`` SIGKILLs this worker process at ``step``; ``slow`` sleeps ``sleep`` seconds every
 step (so a test can interrupt mid-training); ``wait`` creates ``<marker>.reached`` at ``step`` and
 waits (up to ten minutes) until ``marker`` exists, so a test can act while the sweep is held at a
-known point. Otherwise, with ``marker``, the fault fires only while that file does not exist, and
+known point; ``oom`` (CUDA) asks the caching allocator for the whole GPU at ``step``, beyond any
+packed trial's cap, as a trial that outgrows its share does (torch.OutOfMemoryError). Otherwise, with ``marker``, the fault fires only while that file does not exist, and
 creates it: once, as Ray Tune's own fault tests do.
 """
 
@@ -45,6 +46,10 @@ class FaultInjector(TrainerCallback):
             Path(marker).write_text(str(os.getpid()))
         if s["mode"] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if s["mode"] == "oom":
+            import torch
+
+            torch.empty(torch.cuda.get_device_properties(0).total_memory, dtype=torch.uint8, device="cuda")
         raise RuntimeError(f"injected fault at step {state.global_step}")
 
 

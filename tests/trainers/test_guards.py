@@ -1,5 +1,6 @@
 """A trial that stops learning fails: a NaN or infinite loss or gradient norm is an error with its step."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -24,3 +25,28 @@ def test_finite_steps_and_other_logs_pass():
     check_finite("eval loss", 1.5)
     with pytest.raises(NonFiniteLoss, match=r"^eval loss is nan: training diverged"):
         check_finite("eval loss", float("nan"))
+
+
+@pytest.mark.parametrize("share, fraction", [(0.34, 0.34 - 1.5 / 80), (0.02, 0.05), (1.0, None), (0.0, None)])
+def test_a_packed_trial_caps_its_allocator_at_its_share(monkeypatch, share, fraction):
+    """A trial that outgrows its share must fail alone: its caching allocator is capped at the share less the
+    CUDA context counted on top (the floor: 5% of the GPU); a whole GPU, or none, is not capped. On an H200
+    under MPS, a trial that asked for the whole GPU at 0.34 (``faults`` mode ``oom``) failed with "46.03 GiB
+    allowed", twice, while the two trials beside it finished (README, "GPU memory")."""
+    import torch
+
+    from trainers import trial
+    from trainers.models import GPU_SHARE_ENV
+
+    caps = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a: caps.append(f))
+    monkeypatch.setenv(GPU_SHARE_ENV, "1")  # recorded: whatever limit_gpu_memory sets is undone after the test
+    monkeypatch.delenv(GPU_SHARE_ENV)
+    trial.limit_gpu_memory(share)
+    if fraction is None:
+        assert caps == [] and GPU_SHARE_ENV not in os.environ
+    else:
+        assert caps == [pytest.approx(fraction)]
+        assert os.environ[GPU_SHARE_ENV] == str(share)  # a random: base then builds on the CPU
