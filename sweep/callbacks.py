@@ -3,6 +3,7 @@ goes to the ledger, to MLflow and to the console. Runs on the driver's single Tu
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,26 @@ def error_line(error_file: str | None) -> str:
     if not error_file or not Path(error_file).is_file():
         return ""
     lines = [ln.strip() for ln in Path(error_file).read_text().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    return out_of_memory(lines[-1]) if lines else ""
+
+
+OOM = "torch.OutOfMemoryError: CUDA out of memory."
+
+
+def out_of_memory(line: str) -> str:
+    """PyTorch's CUDA out-of-memory line (about 700 characters: every process on the GPU, the allocator's
+    state, a link) as what it means for a trial: how much it asked for, its cap on a shared GPU, and what
+    to change. The whole message stays in the trial's log, which the console line names."""
+    if not line.startswith(OOM):
+        return line
+    size = r"([\d.]+ [KMGT]?i?B)"
+    tried, allowed, free = (re.search(p, line) for p in (f"Tried to allocate {size}", f"{size} allowed",
+                                                          f"of which {size} is free"))
+    said = [f"asked for {tried[1]} more"] if tried else []
+    said += [f"its share of the GPU allows {allowed[1]}"] if allowed else [f"{free[1]} free on the GPU"] if free else []
+    less = "make it need less (gradient_checkpointing=True, or a smaller batch_size with a larger grad_accum)"
+    larger = "give it a larger share (--gpus-per-trial) or " if allowed else ""  # capped: packed (limit_gpu_memory)
+    return OOM.rstrip(".") + (f" ({'; '.join(said)})" if said else "") + f": {larger}{less}"
 
 
 class TrialEvents(Callback):

@@ -192,3 +192,33 @@ def test_status_needs_neither_ray_nor_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.strip().splitlines()[-1] == "heavy: [] code: 3", proc.stderr[-2000:]
+
+
+# PyTorch's line, verbatim, from a packed trial on an H200 (README, "GPU memory")
+OOM_LINE = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 139.80 GiB. GPU 0 has a total capacity of "
+            "139.80 GiB of which 137.99 GiB is free. Process 1747 has 66.00 MiB memory in use. Process 1795 has 946.00 "
+            "MiB memory in use. Including non-PyTorch memory, this process has 830.00 MiB memory in use. 46.03 GiB "
+            "allowed; Of the allocated memory 64.58 MiB is allocated by PyTorch, and 7.42 MiB is reserved by PyTorch "
+            "but unallocated. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandabl"
+            "e_segments:True to avoid fragmentation.  See documentation for Memory Management  (https://docs.pytorch.o"
+            "rg/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)")
+
+
+LESS = "make it need less (gradient_checkpointing=True, or a smaller batch_size with a larger grad_accum)"
+
+
+@pytest.mark.parametrize("line, says", [
+    (OOM_LINE, ("torch.OutOfMemoryError: CUDA out of memory (asked for 139.80 GiB more; its share of the GPU allows "
+                f"46.03 GiB): give it a larger share (--gpus-per-trial) or {LESS}")),
+    (OOM_LINE.replace(" 46.03 GiB allowed;", ""),  # a whole GPU: no cap, so no larger share to give
+     f"torch.OutOfMemoryError: CUDA out of memory (asked for 139.80 GiB more; 137.99 GiB free on the GPU): {LESS}"),
+    ("torch.OutOfMemoryError: CUDA out of memory.", f"torch.OutOfMemoryError: CUDA out of memory: {LESS}"),
+    ("RuntimeError: injected fault at step 3", "RuntimeError: injected fault at step 3"),
+])
+def test_a_trial_error_is_its_tracebacks_last_line_and_an_oom_says_what_to_change(tmp_path, line, says):
+    from sweep.callbacks import error_line
+
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n{line}\n\n")
+    assert error_line(str(error_file)) == says
+    assert error_line(str(tmp_path / "none.txt")) == "" and error_line(None) == ""
