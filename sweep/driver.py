@@ -194,27 +194,31 @@ def check_options(opts: SweepOptions) -> None:
 
 
 def run_sweep(opts: SweepOptions) -> int:
-    """Every check that can refuse the sweep, then (holding the directory's lock) the run itself; a grid's
+    """Every check that can refuse the sweep, then (holding the directory's lock) the run itself; the sweep's
     ``random:`` bases are written meanwhile, from the start."""
     timeline = Timeline()
     check_options(opts)
     space = load_space(opts.space)
-    build = None if opts.address else prebuild_random(grid_random_bases(opts, space))
+    build = None if opts.address else prebuild_random(early_random_bases(opts, space))
     try:
         return checked_run(opts, space, build, timeline)
     finally:
         stop_build(build)  # refused while it built (a finished or waited-for build is left alone)
 
 
-def grid_random_bases(opts: SweepOptions, space) -> set[tuple[str, int]]:
-    """A grid's ``random:`` bases, read from its expanded trials before the plan imports torch and reads the
-    data, so their build (29 s for the 3B base on an H200 host) overlaps the plan, the checks and Ray's start
-    (on an H200 it had waited 17 s beyond Ray's start when it began after the checks). A search's bases
-    are known only from its plan (``start`` builds them then); a space the plan refuses builds nothing."""
-    if space.search is not None:
-        return set()
+def early_random_bases(opts: SweepOptions, space) -> set[tuple[str, int]]:
+    """The ``random:`` bases of a grid's trials, or of a search's seed trials and corners, read before the
+    plan imports torch and reads the data, so their build (29 s for the 3B base on an H200 host) overlaps the
+    plan, the checks and Ray's start (on an H200 it had waited 17 s beyond Ray's start when it began after
+    the checks). ``start`` builds any the plan adds; a space the plan refuses builds nothing."""
+    from sweep.search import corner_configs, resolve_search, seed_configs
+
+    sets = parse_sets(opts.sets)
     try:
-        return random_bases(expand(space, opts.space, parse_sets(opts.sets)))
+        if space.search is None:
+            return random_bases(expand(space, opts.space, sets))
+        spec = resolve_search(space, opts.space, sets)
+        return random_bases(seed_configs(spec) + corner_configs(spec))
     except UserError:  # the plan refuses it next, with this same line
         return set()
 
@@ -271,7 +275,7 @@ def start(opts: SweepOptions, plan, out: Path, manifest: dict | None, added: lis
     timeline.mark("checked")
 
     if opts.address is None and build is None:  # trials on this machine: their random bases built once, before
-        build = prebuild_random(random_bases(p.cfg for p in share_trials(plan)))  # they start (a search's, or what a grid's left out)
+        build = prebuild_random(random_bases(p.cfg for p in share_trials(plan)))  # they start (any not built early)
     daemon = None
     try:
         daemon = mps.start_for_sweep(opts.mps, address=opts.address, gpus_per_trial=opts.gpus_per_trial,

@@ -14,6 +14,7 @@ from sweep import cluster, driver
 from sweep.cli import RunError
 from sweep.run import main
 from tests.conftest import REPO, one_line_error, write_space
+from trainers.random_bases import random_bases
 
 # The real child (the module's main: its handlers, its exit status) around a build that writes a partial copy,
 # says it is in the middle, and cleans up when interrupted, as materialize_random does.
@@ -88,8 +89,8 @@ def test_a_grid_starts_writing_its_random_base_before_the_plan_and_a_refusing_pl
 
 def test_a_random_base_still_building_is_interrupted_cleanly_when_ray_does_not_start(tmp_path, slow_child,
                                                                                     monkeypatch):
-    """A search's bases are built from its plan, in ``start``; a Ray start that fails (or a Ctrl-C) interrupts
-    the child, whose own cleanup removes its half-written copy, and leaves no process."""
+    """``start`` builds what was not built before the plan (here: everything, ``start`` called alone); a Ray
+    start that fails (or a Ctrl-C) interrupts the child, whose own cleanup removes its half-written copy."""
     started, partial, wait_in_build = slow_child
     opts = driver.SweepOptions(space="search_spaces/smoke_search.py", mps="off",
                                sets=("model=random:tiny-llama", "seed=5"))
@@ -106,15 +107,19 @@ def test_a_random_base_still_building_is_interrupted_cleanly_when_ray_does_not_s
     assert started[0][1].returncode == 130 and not partial.exists()
 
 
-def test_which_bases_a_grid_builds_before_its_plan():
+def test_which_bases_are_built_before_the_plan_and_that_they_are_the_plans():
     space = driver.load_space("search_spaces/paper_grid.py")
     opts = driver.SweepOptions(space="search_spaces/paper_grid.py", sets=("model=random:open_llama_3b_v2",))
-    assert driver.grid_random_bases(opts, space) == {("open_llama_3b_v2", 42)}
-    assert driver.grid_random_bases(driver.SweepOptions(space="search_spaces/paper_grid.py"), space) == set()  # Hub
+    assert driver.early_random_bases(opts, space) == {("open_llama_3b_v2", 42)}
+    assert driver.early_random_bases(driver.SweepOptions(space="search_spaces/paper_grid.py"), space) == set()  # Hub
     bad = driver.SweepOptions(space="search_spaces/paper_grid.py", sets=("model=random:open_llama_3b_v2", "r=-1"))
-    assert driver.grid_random_bases(bad, space) == set()  # the plan refuses it, building nothing
-    search = driver.SweepOptions(space="search_spaces/smoke_search.py", sets=("model=random:tiny-llama",))
-    assert driver.grid_random_bases(search, driver.load_space(search.space)) == set()  # known from its plan
+    assert driver.early_random_bases(bad, space) == set()  # the plan refuses it, building nothing
+    for path, sets in (("search_spaces/smoke_search.py", ("seed=9",)), ("search_spaces/paper_search.py", (
+            "model=random:open_llama_3b_v2", "dataset=bundled:products-400"))):
+        opts = driver.SweepOptions(space=path, sets=sets)
+        early = driver.early_random_bases(opts, driver.load_space(path))
+        assert len(early) == 1 and early == random_bases(p.cfg for p in driver.share_trials(
+            driver.plan_sweep(opts, for_training=True)))  # start() finds nothing more to build
 
 
 def test_a_child_stopped_before_its_handlers_are_installed_ends_at_once(tmp_path, slow_child):
@@ -123,7 +128,7 @@ def test_a_child_stopped_before_its_handlers_are_installed_ends_at_once(tmp_path
     ends it at once (nothing written yet) instead of after the stop's timeout."""
     from trainers.random_bases import stop_build
 
-    started, partial, _ = slow_child
+    _, partial, _ = slow_child
     child = driver.prebuild_random({("tiny-llama", 3)})
     t0 = time.monotonic()
     stop_build(child, timeout=10)
