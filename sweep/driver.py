@@ -210,7 +210,8 @@ def early_random_bases(opts: SweepOptions, space) -> set[tuple[str, int]]:
     """The ``random:`` bases of a grid's trials, or of a search's seed trials and corners, read before the
     plan imports torch and reads the data, so their build (29 s for the 3B base on an H200 host) overlaps the
     plan, the checks and Ray's start (on an H200 it had waited 17 s beyond Ray's start when it began after
-    the checks). ``start`` builds any the plan adds; a space the plan refuses builds nothing."""
+    the checks). They are the plan's (a test checks, for the shipped spaces); ``start`` builds the plan's when
+    nothing was started here. A space the plan refuses builds nothing."""
     from sweep.search import corner_configs, resolve_search, seed_configs
 
     sets = parse_sets(opts.sets)
