@@ -13,7 +13,7 @@ from sweep import console, sweepdir
 from sweep.searchers import trial_config
 from sweep.tracking import MLflowTracker
 from sweep.tuner import copy_result
-from trainers.config import EvalReport, StepReport, TrialResult, report_kind
+from trainers.config import OOM_CAPPED, OOM_NOT_AGAIN, EvalReport, StepReport, TrialResult, report_kind
 
 
 def error_line(error_file: str | None) -> str:
@@ -25,6 +25,7 @@ def error_line(error_file: str | None) -> str:
 
 
 OOM = "torch.OutOfMemoryError: CUDA out of memory."
+SHARE_ALLOWS = "its share of the GPU allows"  # in the line of a trial that ran out of its share's cap
 
 
 def out_of_memory(line: str) -> str:
@@ -34,13 +35,14 @@ def out_of_memory(line: str) -> str:
     if not line.startswith(OOM):
         return line
     size = r"([\d.]+ [KMGT]?i?B)"
-    tried, allowed, free = (re.search(p, line) for p in (f"Tried to allocate {size}", f"{size} allowed",
+    tried, allowed, free = (re.search(p, line) for p in (f"Tried to allocate {size}", size + OOM_CAPPED,
                                                           f"of which {size} is free"))
     said = [f"asked for {tried[1]} more"] if tried else []
-    said += [f"its share of the GPU allows {allowed[1]}"] if allowed else [f"{free[1]} free on the GPU"] if free else []
+    said += [f"{SHARE_ALLOWS} {allowed[1]}"] if allowed else [f"{free[1]} free on the GPU"] if free else []
     less = "make it need less (gradient_checkpointing=True, or a smaller batch_size with a larger grad_accum)"
     larger = "give it a larger share (--gpus-per-trial) or " if allowed else ""  # capped: packed (limit_gpu_memory)
-    return OOM.rstrip(".") + (f" ({'; '.join(said)})" if said else "") + f": {larger}{less}"
+    again = " (as when it ran before at this share: not run again)" if OOM_NOT_AGAIN in line else ""
+    return OOM.rstrip(".") + (f" ({'; '.join(said)})" if said else "") + f"{again}: {larger}{less}"
 
 
 class TrialEvents(Callback):
@@ -103,7 +105,8 @@ class TrialEvents(Callback):
         self._console("trial_ended", param["name"], sweepdir.ERROR, error)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._console("trial_retrying", self.param(trial)["name"], error_line(trial.error_file))
+        error = error_line(trial.error_file)
+        self._console("trial_retrying", self.param(trial)["name"], error, SHARE_ALLOWS in error)
 
     def on_step_end(self, iteration, trials, **info):
         self._console("tick")

@@ -96,11 +96,15 @@ class Console:
         self._event(t.line(time.time(), self._width()) + ("" if ended_well else f"  (log: {t.log})"),
                     error=not ended_well and bool(error))
 
-    def trial_retrying(self, name: str, error: str) -> None:
+    def trial_retrying(self, name: str, error: str, out_of_its_share: bool = False) -> None:
+        """Ray retries every failure; a trial that ran out of its GPU share's memory ends its retry at once
+        (trainers/checkpoints.py, OUT_OF_MEMORY), and this line says so."""
         t = self.progress.trial(name)
         t.status, t.error = PENDING, ""
         self.progress.write(self.out)
-        self._event(f"{name} failed, will retry from its latest checkpoint: {error}  (log: {t.log})", error=True)
+        what = ("ran out of its GPU share's memory, and would again at the same share: its retry ends at once"
+                if out_of_its_share else "failed, will retry from its latest checkpoint")
+        self._event(f"{name} {what}: {error}  (log: {t.log})", error=True)
 
     def tick(self) -> None:
         """Called from every Tune loop step: redraw, print a plain block, save progress, echo logs (-v)."""

@@ -129,3 +129,28 @@ def download(checkpoint, fs, dest: Path, only: tuple[str, ...] = ()) -> Path:
                 while chunk := src.read(1 << 24):
                     out.write(chunk)
     return dest
+
+
+# A trial that ran out of the GPU memory its share allows (PyTorch says "... allowed;" only for a capped
+# process) would run out again at the same step if retried at the same share: same data, same order, same
+# peak. Ray Tune retries every failure alike (FailureConfig.max_failures has no per-error rule), so the
+# trial records it here, beside its checkpoints, and a retry of the same trial at a share no larger ends
+# at once with the same error instead of repeating setup and training up to that step.
+OUT_OF_MEMORY = "out_of_memory.json"
+
+
+def record_out_of_memory(trial_dir, fs, *, fingerprint: str, share: float, error: str) -> None:
+    fs, path = _on(fs, trial_dir)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{OUT_OF_MEMORY}") as f:
+        f.write(json.dumps({"fingerprint": fingerprint, "share": share, "error": error}).encode())
+
+
+def repeated_out_of_memory(trial_dir, fs, *, fingerprint: str, share: float) -> str | None:
+    """The error of this trial's earlier run out of memory at a share at least ``share``, else None."""
+    try:
+        seen = read_json(trial_dir, OUT_OF_MEMORY, fs)
+        again = seen["fingerprint"] == fingerprint and share <= seen["share"]
+        return str(seen["error"]) if again else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -46,6 +46,10 @@ def is_quantized(bits: int) -> bool:
 CUDA_OVERHEAD_GB = 1.5
 """GPU memory a trial process uses beyond PyTorch's allocations (CUDA context, cuBLAS workspace): the
 driver adds it to each trial's estimate, a trial on a shared GPU leaves it out of its own cap."""
+# In PyTorch's CUDA out-of-memory message only when a per-process memory fraction is set: the trial ran out of its
+# share's cap (trainers.trial.limit_gpu_memory), not of a GPU that others filled; the same share runs out again.
+OOM_CAPPED = " allowed;"
+OOM_NOT_AGAIN = "(as when this trial ran before at this share: not run again)"
 # NVIDIA MPS: where a client finds its control daemon (the variable, else the machine's default directory)
 MPS_PIPE_ENV, MPS_MACHINE_PIPE = "CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"
 MPS_PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"  # 0 normal, 1 below normal (sweep/mps.py)

@@ -22,7 +22,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from trainers import checkpoints, compiling, faults
 from trainers.config import (ADAPTER_DIR, CONFIG_FILE, CUDA_OVERHEAD_GB, GENERATIONS_JSON, GENERATIONS_MD,
-                             HELDOUT_FILE, METRICS_FILE, MPS_PIPE_ENV, MPS_PRIORITY_ENV,
+                             HELDOUT_FILE, METRICS_FILE, MPS_PIPE_ENV, MPS_PRIORITY_ENV, OOM_CAPPED, OOM_NOT_AGAIN,
                              CheckpointReport, EvalReport, StepReport, TrialConfig, TrialResult, is_quantized,
                              mps_daemon, perplexity)
 from trainers.data import DataError, build_splits, fingerprint
@@ -322,7 +322,8 @@ def tune_trainable(config: dict) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cfg = TrialConfig.from_tune(config, tune.get_context().get_trial_name())
     fp = cfg.fingerprint
-    limit_gpu_memory(config["trial"].get("gpu_share", 0.0))
+    share = config["trial"].get("gpu_share", 0.0)
+    limit_gpu_memory(share)
     storage = tune.get_context().get_storage()  # Ray's: the trial's own directory wherever Tune keeps it
     fs, trial_dir = storage.storage_filesystem, storage.trial_fs_path
 
@@ -338,6 +339,8 @@ def tune_trainable(config: dict) -> None:
             result = TrialResult.from_dict(json.loads((done / METRICS_FILE).read_text()))
             tune.report(result.to_report(), checkpoint=tune.Checkpoint.from_directory(str(done)))
             return
+        if (error := checkpoints.repeated_out_of_memory(trial_dir, fs, fingerprint=fp, share=share)) is not None:
+            raise torch.OutOfMemoryError(f"{error} {OOM_NOT_AGAIN}")
         resume_from, resume_step = None, 0
         if (point := checkpoints.resume_point(trial_dir, fp, fs)) is not None:
             resume_from = checkpoints.download(point[0], fs, Path(tmp) / "resume")
@@ -348,6 +351,11 @@ def tune_trainable(config: dict) -> None:
             result = run_trial(cfg, result_dir, report=tune.report, resume_from=resume_from, resume_step=resume_step,
                                on_checkpoint=on_checkpoint, sampler=sampler,
                                node_id=ray.get_runtime_context().get_node_id())
+        except torch.OutOfMemoryError as e:
+            if OOM_CAPPED in str(e):  # its share's cap, not a GPU others filled: the same share runs out again
+                checkpoints.record_out_of_memory(trial_dir, fs, fingerprint=fp, share=share,
+                                                 error=str(e).splitlines()[0])
+            raise
         finally:
             sampler.stop()
         shutil.rmtree(result_dir / "hf", ignore_errors=True)  # trainer scratch space, not a result

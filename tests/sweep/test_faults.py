@@ -173,15 +173,19 @@ def test_kill_driver_twice_at_different_points(tmp_path, model_cache):
 
 def test_trials_that_raise_or_are_killed(tmp_path, model_cache):
     """a raises once at step 12 and is retried from its step-6 checkpoint; b raises every time and
-    ends ERROR while the others finish; c's worker SIGKILLs itself once and is retried. Exit code 1."""
+    ends ERROR while the others finish; c's worker SIGKILLs itself once and is retried; d runs out of its
+    GPU share's memory at step 8 (a stand-in on the CPU) and its retry ends at once, training nothing, with
+    the same error. Exit code 1."""
     trials = ('Trial(r=8, targets="attention", bits=16, name="a"), '
               'Trial(r=8, targets="attention", bits=16, name="b", seed=1), '
-              'Trial(r=4, targets="attention", bits=16, name="c")')
+              'Trial(r=4, targets="attention", bits=16, name="c"), '
+              'Trial(r=4, targets="attention", bits=16, name="d", seed=2)')
     write_space(tmp_path, trials=trials, cpus=1)
     done = finish(tmp_path, faults={
         "a": {"mode": "raise", "step": 12, "marker": str(tmp_path / "a.marker")},
         "b": {"mode": "raise", "step": 6},
         "c": {"mode": "kill", "step": 12, "marker": str(tmp_path / "c.marker")},
+        "d": {"mode": "oom", "step": 8, "log": str(tmp_path / "d.log")},
     })
     assert done.returncode == 1, done.stderr[-3000:]
     assert (tmp_path / "a.marker").exists() and (tmp_path / "c.marker").exists()
@@ -191,12 +195,21 @@ def test_trials_that_raise_or_are_killed(tmp_path, model_cache):
     b_row = read_csv(tmp_path / "out" / "summary.csv")["b"]
     assert (b_row["status"], b_row["error"]) == ("ERROR", "RuntimeError: injected fault at step 6")
     assert "trial b failed: RuntimeError: injected fault at step 6" in done.stderr
+    assert (tmp_path / "d.log").read_text() == "oom at step 8\n"  # its retry (from step 6) never trained
+    oom = ("torch.OutOfMemoryError: CUDA out of memory (asked for 4.00 GiB more; its share of the GPU allows 2.00 GiB)"
+           "{}: give it a larger share (--gpus-per-trial) or make it need less (gradient_checkpointing=True, or a "
+           "smaller batch_size with a larger grad_accum)")
+    assert f"d ran out of its GPU share's memory, and would again at the same share: its retry ends at once: " \
+           f"{oom.format('')}" in done.stderr
+    d_row = read_csv(tmp_path / "out" / "summary.csv")["d"]
+    assert (d_row["status"], d_row["error"]) == ("ERROR", oom.format(" (as when it ran before at this share: not "
+                                                                     "run again)"))
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("faults").experiment_id])}
     assert {n: r.info.status for n, r in runs.items()} == {
-        "a": "FINISHED", "b": "FAILED", "c": "FINISHED", "faults": "FAILED"}
+        "a": "FINISHED", "b": "FAILED", "c": "FINISHED", "d": "FAILED", "faults": "FAILED"}
     assert runs["b"].data.tags["lora_sweep.error"] == "RuntimeError: injected fault at step 6"
 
 

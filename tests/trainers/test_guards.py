@@ -50,3 +50,22 @@ def test_a_packed_trial_caps_its_allocator_at_its_share(monkeypatch, share, frac
     else:
         assert caps == [pytest.approx(fraction)]
         assert os.environ[GPU_SHARE_ENV] == str(share)  # a random: base then builds on the CPU
+
+
+def test_a_trial_that_ran_out_of_its_share_is_not_run_again_at_that_share_only(tmp_path):
+    """The record a capped out-of-memory leaves beside the trial's checkpoints (Ray's storage: here a local
+    directory through pyarrow, as in a sweep directory): the same trial at the same or a smaller share ends
+    at once; a larger share, another trial, or a damaged record runs as usual."""
+    from trainers.checkpoints import OUT_OF_MEMORY, record_out_of_memory, repeated_out_of_memory
+
+    trial_dir = tmp_path / "tune" / "exp" / "trial_1"
+    assert repeated_out_of_memory(str(trial_dir), None, fingerprint="f", share=0.34) is None  # never ran
+    record_out_of_memory(str(trial_dir), None, fingerprint="f", share=0.34, error="CUDA out of memory. x allowed;")
+
+    def again(fp, share):
+        return repeated_out_of_memory(str(trial_dir), None, fingerprint=fp, share=share)
+
+    assert again("f", 0.34) == again("f", 0.2) == "CUDA out of memory. x allowed;"
+    assert again("f", 0.5) is None and again("g", 0.34) is None
+    (trial_dir / OUT_OF_MEMORY).write_text('{"fingerprint": "f", "sha')
+    assert again("f", 0.34) is None
