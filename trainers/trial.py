@@ -7,6 +7,7 @@ trainable the driver schedules, one GPU-pinned process per trial.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -353,8 +354,10 @@ def tune_trainable(config: dict) -> None:
                                node_id=ray.get_runtime_context().get_node_id())
         except torch.OutOfMemoryError as e:
             if OOM_CAPPED in str(e):  # its share's cap, not a GPU others filled: the same share runs out again
-                checkpoints.record_out_of_memory(trial_dir, fs, fingerprint=fp, share=share,
-                                                 error=str(e).splitlines()[0])
+                # a store that cannot take the record: retried as any failure, and the error stays the OOM
+                with contextlib.suppress(OSError):
+                    checkpoints.record_out_of_memory(trial_dir, fs, fingerprint=fp, share=share,
+                                                     error=str(e).splitlines()[0])
             raise
         finally:
             sampler.stop()
