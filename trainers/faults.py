@@ -7,8 +7,8 @@ waits (up to ten minutes) until ``marker`` exists, so a test can act while the s
 known point; ``oom`` asks the caching allocator for the whole GPU at ``step``, beyond any packed
 trial's cap, as a trial that outgrows its share does (torch.OutOfMemoryError); on the CPU, which has
 no cap to hit, it raises the error PyTorch raises for a capped process (a stand-in of CUDA's message).
-With ``log``, a fault appends a line to that file each time it fires. Otherwise, with ``marker``, the fault fires only while that file does not exist, and
-creates it: once, as Ray Tune's own fault tests do.
+With ``log``, a fault appends a line to that file each time it fires. Otherwise, with ``marker``, the
+fault fires only while that file does not exist, and creates it: once, as Ray Tune's own fault tests do.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from transformers import TrainerCallback
 
 ENV = "LORA_SWEEP_FAULTS"
 # PyTorch's message for a process capped at 2 GiB that asked for 4 more (an H200's, with these sizes)
-CPU_OOM = ("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which 137.99 GiB "
-           "is free. Including non-PyTorch memory, this process has 830.00 MiB memory in use. 2.00 GiB allowed; Of the "
-           "allocated memory 64.58 MiB is allocated by PyTorch, and 7.42 MiB is reserved by PyTorch but unallocated.")
+CPU_OOM = ("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+           "137.99 GiB is free. Including non-PyTorch memory, this process has 830.00 MiB memory in use. 2.00 GiB "
+           "allowed; Of the allocated memory 64.58 MiB is allocated by PyTorch, and 7.42 MiB is reserved by PyTorch "
+           "but unallocated.")
 
 
 class FaultInjector(TrainerCallback):
